@@ -1,0 +1,937 @@
+"""
+audiotx: environmental sound classification on raw waveforms, from scratch.
+
+Two architectures share one 1D-convolution front end over the waveform:
+  cnn          front end -> mean+max pooling over time -> MLP classifier
+  transformer  front end -> <cls> token + positional embedding -> pre-norm
+               self-attention blocks written from plain tensor ops -> MLP head
+
+    python audiotx.py --arch transformer --heads 2 --kfold 4   # one configuration
+    bash run.sh                                                 # every configuration
+    pytest test_audiotx.py                                      # the tests
+
+Everything a run measures is written under runs/<name>/ (config.json, metrics.json,
+predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases
+(offline unless you are logged in). The README states the measured results and the
+commands that produced them.
+"""
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.io.wavfile
+import scipy.signal
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
+ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
+CACHE_VERSION = 1  # bump when the cached waveform format changes
+
+
+class UserError(Exception):
+    """A problem with the user's data or flags: reported in one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # model
+    arch: str = "transformer"        # cnn | transformer
+    heads: int = 2                   # attention heads: 1 | 2 | 4 (must divide dim)
+    depth: int = 2                   # attention blocks (>= 2)
+    dim: int = 128                   # channels out of the front end = transformer width
+    dropout: float = 0.1             # in attention, MLPs and heads
+    # data
+    data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
+    subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
+    sample_rate: int = 16000         # Hz after resampling
+    clip_seconds: float = 5.0        # clips are padded or cropped to this length
+    # splits
+    test_fold: int = 1               # official fold held out as the test set; 0 = none
+    kfold: int = 4                   # validation folds over the remaining clips
+    # training
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 2e-3                 # peak learning rate
+    weight_decay: float = 0.05       # AdamW, on weight matrices only
+    schedule: str = "onecycle"       # onecycle | cosine | constant
+    label_smoothing: float = 0.1
+    mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
+    shift: bool = True               # random circular time shift of each training clip
+    gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
+    seed: int = 0
+    threads: int = 0                 # torch CPU threads; 0 = torch's default
+    # output
+    out: str = "runs"                # results go to out/name/
+    name: str = ""                   # default: derived from the configuration
+    restart: bool = False            # discard saved state and results under out/name/
+    wandb: str = "auto"              # auto | online | offline | disabled ($WANDB_MODE wins)
+    project: str = "audiotx"         # W&B project
+    entity: str = ""                 # W&B entity (team or user)
+    debug: bool = False              # show tracebacks instead of one-line errors
+
+
+# Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
+REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads"}
+CHOICES = {"arch": ["cnn", "transformer"], "subset": ["esc10", "esc50"],
+           "schedule": ["onecycle", "cosine", "constant"],
+           "wandb": ["auto", "online", "offline", "disabled"]}
+
+
+def parse_args(argv=None) -> Config:
+    """Build the command line from Config's fields: --test-fold sets test_fold."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg: Config):
+    """Refuse flag combinations that cannot work, naming the flag."""
+    positive = ["dim", "depth", "heads", "epochs", "batch_size", "sample_rate"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.clip_seconds <= 0 or cfg.lr <= 0:
+        raise UserError("--clip-seconds and --lr must be positive")
+    if cfg.arch == "transformer" and cfg.depth < 2:
+        raise UserError(f"--depth must be at least 2 for the transformer, got {cfg.depth}")
+    if cfg.dim % cfg.heads:
+        raise UserError(f"--heads {cfg.heads} does not divide --dim {cfg.dim}")
+    if cfg.dim % 4:
+        raise UserError(f"--dim must be a multiple of 4 (the front end widens dim/4 -> dim), got {cfg.dim}")
+    if cfg.kfold < 2:
+        raise UserError(f"--kfold must be at least 2, got {cfg.kfold}")
+    if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
+        raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
+
+
+def run_name(cfg: Config) -> str:
+    heads = f"-h{cfg.heads}" if cfg.arch == "transformer" else ""
+    return cfg.name or f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}"
+
+
+# ----------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------
+
+def load_wav(path):
+    """Read a PCM or float WAV; return (float32 mono wave in [-1, 1], sample rate)."""
+    try:
+        rate, data = scipy.io.wavfile.read(path)
+    except Exception as e:  # scipy raises ValueError, EOFError or struct errors for broken files
+        raise UserError(f"{path}: not a readable PCM/float WAV file ({e})") from e
+    scale = {np.dtype(np.uint8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0 ** 31}
+    if data.dtype == np.uint8:
+        wave = (data.astype(np.float64) - 128.0) / 128.0
+    elif data.dtype in scale:  # 24-bit files arrive as left-justified int32, so 2**31 fits them too
+        wave = data.astype(np.float64) / scale[data.dtype]
+    elif data.dtype in (np.float32, np.float64):
+        wave = data.astype(np.float64)
+    else:
+        raise UserError(f"{path}: unsupported sample type {data.dtype}")
+    if wave.ndim == 2:
+        wave = wave.mean(axis=1)  # (S, channels) -> (S,)
+    if wave.size == 0:
+        raise UserError(f"{path}: the file holds no samples")
+    if not np.isfinite(wave).all():
+        raise UserError(f"{path}: the audio holds NaN or infinite samples")
+    return wave.astype(np.float32), int(rate)
+
+
+def find_data(arg: str) -> Path:
+    """--data, else $AUDIOTX_DATA, else the first default folder that exists."""
+    given = arg or os.environ.get("AUDIOTX_DATA", "")
+    candidates = [Path(given)] if given else DEFAULT_DATA
+    for path in candidates:
+        if (path / "audio").is_dir():
+            return path
+    if given:
+        raise UserError(f"{given}: no audio/ folder there (expected ESC-50 layout: audio/*.wav + meta/esc50.csv)")
+    raise UserError("no dataset found: pass --data DIR or set AUDIOTX_DATA (looked in "
+                    + ", ".join(str(p) for p in candidates) + "); the README says how to get ESC-50")
+
+
+def read_table(data_dir: Path, subset: str) -> list:
+    """Rows of meta/esc50.csv as dicts (filename, fold, category, src_file), sorted by filename."""
+    meta = data_dir / "meta" / "esc50.csv"
+    if not meta.is_file():
+        raise UserError(f"{meta}: missing (expected ESC-50 layout: audio/*.wav + meta/esc50.csv)")
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"filename", "fold", "category"} - set(rows[0] if rows else {})
+    if missing:
+        raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
+    if subset == "esc10" and "esc10" in rows[0]:
+        rows = [r for r in rows if r["esc10"].strip().lower() == "true"]
+    table = []
+    for line, r in enumerate(rows, start=2):
+        if not (data_dir / "audio" / r["filename"]).is_file():
+            raise UserError(f"{meta} row {line}: audio/{r['filename']} does not exist")
+        try:
+            fold = int(r["fold"])
+        except ValueError:
+            raise UserError(f"{meta} row {line}: fold {r['fold']!r} is not a whole number") from None
+        match = ESC_NAME.match(r["filename"])
+        src = r.get("src_file") or (match.group(2) if match else r["filename"])
+        table.append({"filename": r["filename"], "fold": fold, "category": r["category"], "src_file": src})
+    if len({r["category"] for r in table}) < 2:
+        raise UserError(f"{meta}: fewer than two classes in the {subset} rows")
+    return sorted(table, key=lambda r: r["filename"])
+
+
+def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
+    """Cache file keyed by every audio file's name, size and mtime, and the target rate and length."""
+    h = hashlib.sha1(f"v{CACHE_VERSION} {cfg.sample_rate} {cfg.clip_seconds}".encode())
+    for r in table:
+        st = (data_dir / "audio" / r["filename"]).stat()
+        h.update(f"{r['filename']} {st.st_size} {st.st_mtime_ns}\n".encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audiotx"
+    return root / f"waves-{h.hexdigest()[:16]}.npy"
+
+
+def fit_clip(wave, rate, target_rate, n_samples):
+    """Resample to target_rate, then pad with zeros or crop (centred) to n_samples."""
+    if rate != target_rate:
+        g = math.gcd(rate, target_rate)
+        wave = scipy.signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
+    if len(wave) < n_samples:
+        return np.pad(wave, (0, n_samples - len(wave)))
+    start = (len(wave) - n_samples) // 2
+    return wave[start:start + n_samples]
+
+
+def decode_clips(data_dir: Path, table: list, cfg: Config) -> np.ndarray:
+    """Decode and resample every clip: (N, S) float32. Counts what needed fixing."""
+    n_samples = round(cfg.sample_rate * cfg.clip_seconds)
+    waves = np.zeros((len(table), n_samples), dtype=np.float32)
+    odd = {"sample rate": 0, "length": 0, "channels": 0}
+    t0 = time.time()
+    for i, r in enumerate(table):
+        path = data_dir / "audio" / r["filename"]
+        wave, rate = load_wav(path)
+        odd["sample rate"] += rate != 44100
+        odd["length"] += abs(len(wave) / rate - cfg.clip_seconds) > 1e-3
+        waves[i] = fit_clip(wave, rate, cfg.sample_rate, n_samples)
+        if (i + 1) % 100 == 0 or i + 1 == len(table):
+            print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="", flush=True)
+    print()
+    for what, count in odd.items():
+        if count:
+            print(f"warning: {count} clip(s) differed in {what}; they were resampled, padded or cropped")
+    return waves
+
+
+def load_clips(data_dir: Path, table: list, cfg: Config) -> torch.Tensor:
+    """All clips as one (N, S) float32 tensor, decoded once and cached on disk."""
+    path = cache_path(data_dir, table, cfg)
+    n_samples = round(cfg.sample_rate * cfg.clip_seconds)
+    if path.is_file():
+        try:
+            waves = np.load(path, mmap_mode=None)
+            if waves.shape == (len(table), n_samples) and waves.dtype == np.float32:
+                return torch.from_numpy(waves)
+        except (ValueError, OSError, EOFError):
+            pass
+        print(f"warning: cache {path} is damaged; rebuilding it")
+    waves = decode_clips(data_dir, table, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, waves)
+    os.replace(tmp, path)
+    return torch.from_numpy(waves)
+
+
+def regroup(groups, labels, k):
+    """Assign whole source recordings to k parts, balancing each class across parts."""
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    group_label = [np.bincount(labels[inverse == g]).argmax() for g in range(len(names))]
+    per_class = np.zeros((k, labels.max() + 1), dtype=np.int64)
+    total = np.zeros(k, dtype=np.int64)
+    part_of_group = np.zeros(len(names), dtype=np.int64)
+    # Largest groups first within each class, so the greedy fill stays balanced.
+    for g in sorted(range(len(names)), key=lambda g: (group_label[g], -sizes[g], names[g])):
+        c = group_label[g]
+        p = min(range(k), key=lambda p: (per_class[p, c], total[p], p))
+        part_of_group[g] = p
+        per_class[p, c] += sizes[g]
+        total[p] += sizes[g]
+    return part_of_group[inverse]
+
+
+def split_folds(folds, groups, labels, test_fold, k):
+    """Test indices and k (train, val) index pairs; no source recording crosses a split."""
+    folds, groups, labels = np.asarray(folds), np.asarray(groups), np.asarray(labels)
+    official = sorted(set(folds.tolist()))
+    if test_fold and test_fold not in official:
+        raise UserError(f"--test-fold {test_fold} does not exist (official folds: {official}; 0 = none)")
+    test = np.flatnonzero(folds == test_fold)
+    rest = np.flatnonzero(folds != test_fold)
+    remaining = sorted(set(folds[rest].tolist()))
+    if k == len(remaining):  # official folds as they are: the course's and the paper's protocol
+        part = np.searchsorted(remaining, folds[rest])
+    else:
+        if k > len(set(groups[rest].tolist())):
+            raise UserError(f"--kfold {k} is more than the {len(set(groups[rest].tolist()))} source recordings allow")
+        part = regroup(groups[rest], labels[rest], k)
+    splits = [(rest[part != i], rest[part == i]) for i in range(k)]
+    for i, (train, val) in enumerate(splits):
+        absent = set(range(labels.max() + 1)) - set(labels[train].tolist())
+        if len(val) == 0 or absent:
+            raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {sorted(absent)} "
+                            "with no training clips; use fewer folds")
+    return test, splits
+
+
+def augment(wave, labels, n_classes, cfg: Config):
+    """Batch augmentation with tensor ops: wave (B, S) -> wave (B, S), soft targets (B, K)."""
+    B, S = wave.shape
+    target = F.one_hot(labels, n_classes).float()
+    if cfg.shift:  # ESC clips are padded with silence, so a circular shift keeps them natural
+        idx = (torch.arange(S) + torch.randint(0, S, (B, 1))) % S  # (B, S)
+        wave = wave.gather(1, idx)
+    if cfg.gain_db:
+        wave = wave * 10 ** ((torch.rand(B, 1) * 2 - 1) * cfg.gain_db / 20)
+    if cfg.mixup:
+        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))  # (B, 1)
+        perm = torch.randperm(B)
+        wave = lam * wave + (1 - lam) * wave[perm]
+        target = lam * target + (1 - lam) * target[perm]
+    return wave, target
+
+
+# ----------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------
+
+class ConvFrontEnd(nn.Module):
+    """Four conv layers over the waveform: wave (B, S) -> x (B, T, dim), T = S / 2048."""
+
+    def __init__(self, *, dim: int, stem_kernel: int = 64, stem_stride: int = 16):
+        super().__init__()
+        # (in, out, kernel, stride, pool): a strided stem acts as a learnable filterbank at
+        # 1 ms hops; each later layer halves or quarters time while widening the channels.
+        plan = [(1, dim // 4, stem_kernel, stem_stride, 4), (dim // 4, dim // 2, 3, 1, 4),
+                (dim // 2, dim, 3, 1, 4), (dim, dim, 3, 1, 2)]
+        layers = []
+        for c_in, c_out, k, s, pool in plan:
+            layers += [nn.Conv1d(c_in, c_out, k, s, padding=(k - s) // 2, bias=False),
+                       nn.BatchNorm1d(c_out), nn.ReLU(inplace=True), nn.MaxPool1d(pool)]
+        self.layers = nn.Sequential(*layers)
+        self.plan = plan
+
+    def out_len(self, n_samples: int) -> int:
+        for _, _, k, s, pool in self.plan:
+            n_samples = ((n_samples + 2 * ((k - s) // 2) - k) // s + 1) // pool
+        return n_samples
+
+    def forward(self, wave):
+        return self.layers(wave.unsqueeze(1)).transpose(1, 2)  # (B, 1, S) -> (B, C, T) -> (B, T, C)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention from plain tensor operations: x (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert dim % heads == 0, "heads must divide dim"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)  # (B, nh, T, T)
+        att = self.drop(att.softmax(dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, *, dim: int, hidden: int, out: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim=dim, heads=heads, dropout=dropout)
+        self.mlp = MLP(dim=dim, hidden=4 * dim, out=dim, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class CNNClassifier(nn.Module):
+    """Front end, mean and max over time, fully connected classifier: wave (B, S) -> logits (B, K)."""
+
+    def __init__(self, *, dim: int, n_classes: int, dropout: float):
+        super().__init__()
+        self.front = ConvFrontEnd(dim=dim)
+        self.head = MLP(dim=2 * dim, hidden=dim, out=n_classes, dropout=dropout)
+
+    def forward(self, wave):
+        x = self.front(wave)  # (B, T, C)
+        return self.head(torch.cat([x.mean(1), x.amax(1)], dim=1))  # (B, 2C) -> (B, K)
+
+
+class AudioTransformer(nn.Module):
+    """Front end, <cls> + positions, attention blocks, MLP head: wave (B, S) -> logits (B, K)."""
+
+    def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int, dropout: float):
+        super().__init__()
+        self.front = ConvFrontEnd(dim=dim)
+        n_tokens = self.front.out_len(n_samples) + 1
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout) for _ in range(depth))
+        self.ln = nn.LayerNorm(dim)
+        self.head = MLP(dim=dim, hidden=dim, out=n_classes, dropout=dropout)
+
+    def forward(self, wave):
+        x = self.front(wave)  # (B, T, C)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + T, C), <cls> at 0
+        x = self.drop(x + self.pos[:, :x.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x[:, 0]))  # the <cls> output -> (B, K)
+
+
+def build_model(cfg: Config, n_classes: int) -> nn.Module:
+    n_samples = round(cfg.sample_rate * cfg.clip_seconds)
+    if cfg.arch == "cnn":
+        return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout)
+    if ConvFrontEnd(dim=cfg.dim).out_len(n_samples) < 1:
+        raise UserError(f"--clip-seconds {cfg.clip_seconds} at --sample-rate {cfg.sample_rate} is too short "
+                        "for the front end (needs at least 2048 samples)")
+    return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,
+                            n_samples=n_samples, dropout=cfg.dropout)
+
+
+def count_params(model: nn.Module) -> dict:
+    """Trainable and frozen parameters; buffers (BatchNorm statistics) on their own."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "non_trainable": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "buffers": sum(b.numel() for b in model.buffers())}
+
+
+# ----------------------------------------------------------------------------------------
+# metrics: everything from the labels and the predicted probabilities, in numpy
+# ----------------------------------------------------------------------------------------
+
+def confusion_matrix(labels, preds, n_classes):
+    """Counts with rows = true class, columns = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    return cm
+
+
+def roc_curve(scores, positive):
+    """One-vs-rest ROC: (fpr, tpr) from (0, 0) to (1, 1); tied scores make one diagonal step."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
+
+
+def auc(fpr, tpr):
+    """Trapezoid area; with ties stepped diagonally it equals the Mann-Whitney U / (n1 n0)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def summarize(labels, probs, classes):
+    """Accuracy, per-class precision/recall/F1/AUC, macro F1 and AUC, confusion matrix."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    cm = confusion_matrix(labels, probs.argmax(1), len(classes))
+    tp = np.diag(cm).astype(np.float64)
+    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    per_class, aucs = {}, []
+    for c, name in enumerate(classes):
+        pos = labels == c
+        a = auc(*roc_curve(probs[:, c], pos)) if 0 < pos.sum() < len(pos) else None  # undefined without both
+        aucs += [a] if a is not None else []
+        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                           "auc": a, "support": int(cm[c].sum())}
+    present = cm.sum(1) > 0  # macro F1 over the classes that occur in this set
+    return {"n": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)),
+            "macro_f1": float(f1[present].mean()), "macro_auc": float(np.mean(aucs)) if aucs else None,
+            "per_class": per_class, "confusion": cm.tolist()}
+
+
+# ----------------------------------------------------------------------------------------
+# training and evaluation
+# ----------------------------------------------------------------------------------------
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    """One-cycle: cosine warm-up from lr/25 over 30% of steps, then cosine decay to ~0."""
+    t = step / max(total - 1, 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if t < 0.3:
+        return cfg.lr * (0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * t / 0.3)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
+
+
+def make_optimizer(cfg: Config, model: nn.Module):
+    """AdamW; weight decay on matrices and conv kernels only, not on norms, biases or embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in ("cls", "pos")]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls", "pos"))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def batches(n: int, batch_size: int):
+    """Near-equal batch sizes (240 clips at 32 -> 8 x 30), so no tiny last batch upsets BatchNorm."""
+    return max(1, math.ceil(n / batch_size))
+
+
+def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total):
+    """One pass over idx in random order; returns (mean loss, accuracy against the dominant target)."""
+    model.train()
+    perm = torch.from_numpy(idx)[torch.randperm(len(idx))]
+    loss_sum = correct = 0.0
+    for chunk in perm.tensor_split(batches(len(idx), cfg.batch_size)):
+        wave, target = augment(waves[chunk], labels[chunk], n_classes, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step, total)
+        logits = model(wave)
+        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_sum += loss.item() * len(chunk)
+        correct += (logits.argmax(1) == target.argmax(1)).sum().item()
+    return loss_sum / len(idx), correct / len(idx)
+
+
+@torch.no_grad()
+def predict(model, waves, batch_size=64):
+    """Class probabilities (N, K) in eval mode."""
+    model.eval()
+    return torch.cat([model(w).softmax(1) for w in waves.split(batch_size)])
+
+
+def evaluate(model, waves, labels):
+    """(loss, accuracy, probs) on clips without augmentation."""
+    probs = predict(model, waves)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return loss, (probs.argmax(1) == labels).float().mean().item(), probs
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, fingerprint: str):
+    """The saved fold state, or None when absent; damaged or foreign state is reported, not used."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: damaged checkpoint ({type(e).__name__}); rerun with --restart") from e
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"{path}: saved by a different configuration; rerun with --restart")
+    return state
+
+
+def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress):
+    """Train one fold for cfg.epochs, resuming from fold_dir/state.pt; return the chosen model."""
+    train_idx, val_idx = split
+    torch.manual_seed(cfg.seed + fold)
+    model = build_model(cfg, n_classes)
+    opt = make_optimizer(cfg, model)
+    steps = batches(len(train_idx), cfg.batch_size)
+    state_path, fingerprint = fold_dir / "state.pt", config_fingerprint(cfg)
+    state = load_state(state_path, fingerprint)
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        print(f"fold {fold}: resuming after epoch {state['epoch']}")
+    else:
+        state = {"epoch": 0, "history": [], "best": None, "fingerprint": fingerprint}
+    tracker.start(f"fold{fold}")
+    for row in state["history"]:
+        tracker.log(row)  # a resumed fold's W&B run still shows every epoch
+    val_w, val_y = waves[val_idx], labels[val_idx]
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        t0 = time.time()
+        lr = lr_at(cfg, (epoch - 1) * steps, steps * cfg.epochs)
+        tr_loss, tr_acc = train_epoch(model, opt, waves, labels, train_idx, cfg, n_classes,
+                                      (epoch - 1) * steps, steps * cfg.epochs)
+        va_loss, va_acc, _ = evaluate(model, val_w, val_y)
+        row = {"epoch": epoch, "lr": lr, "train_loss": tr_loss, "train_acc": tr_acc,
+               "val_loss": va_loss, "val_acc": va_acc, "seconds": time.time() - t0}
+        state["history"].append(row)
+        best = state["best"]
+        # Chosen on validation only: highest accuracy, ties to the lower validation loss.
+        if best is None or (va_acc, -va_loss) > (best["val_acc"], -best["val_loss"]):
+            state["best"] = {"epoch": epoch, "val_acc": va_acc, "val_loss": va_loss,
+                             "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state())
+        save_atomic(state, state_path)
+        write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
+        tracker.log(row)
+        progress(fold, row)
+    model.load_state_dict(state["best"]["model"])
+    return model, state["best"]["epoch"], state["history"]
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of the settings that change results; a resumed fold must match it."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------
+# logging and reporting: files, Weights & Biases
+# ----------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, header, rows):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([f"{v:.17g}" if isinstance(v, float) else v for v in row] for row in rows)
+    write_text(path, buf.getvalue())
+
+
+def wandb_mode(cfg: Config) -> str:
+    """$WANDB_MODE wins; auto is online only where W&B credentials are configured."""
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    if mode != "auto":
+        return mode
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+
+
+class Tracker:
+    """One W&B run per fold and one for the whole configuration. W&B is imported only when
+    used, and any W&B failure prints one warning and turns it off: the files are the record."""
+
+    def __init__(self, cfg: Config, run_dir: Path, config: dict):
+        self.mode, self.run_dir, self.config, self.cfg = wandb_mode(cfg), run_dir, config, cfg
+        self.run, self.wandb = None, None
+        if self.mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / "data"))
+        if self.mode == "offline":  # nothing in the home folder; online runs need the user's login there
+            os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / "wandb" / "config"))
+        self._guard(self._import)
+
+    def _import(self):
+        import wandb
+        self.wandb = wandb
+
+    def _guard(self, fn, *args):
+        if self.mode == "disabled":
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # never let logging cost the training
+            print(f"warning: W&B turned off after an error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            self.mode = "disabled"
+
+    def start(self, job: str):
+        self.finish()
+        self._guard(self._start, job)
+
+    def _start(self, job):
+        name = self.run_dir.name
+        self.run = self.wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity or None, group=name, job_type=job,
+            name=f"{name}-{job}", config=self.config, dir=str(self.run_dir), mode=self.mode,
+            settings=self.wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True))
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+
+    def log(self, row: dict):
+        if self.run:
+            self._guard(self.run.log, dict(row))
+
+    def summary(self, metrics: dict, labels, probs, classes, title: str):
+        """Summary numbers, confusion matrix, ROC curves and a per-class table for one set."""
+        if self.run:
+            self._guard(self._summary, metrics, labels, probs, classes, title)
+
+    def _summary(self, metrics, labels, probs, classes, title):
+        w, probs = self.wandb, np.asarray(probs)
+        self.run.summary.update({f"{title}/{k}": metrics[k] for k in ("accuracy", "macro_f1", "macro_auc")})
+        self.run.summary.update({f"params/{k}": v for k, v in self.config["params"].items()})
+        curves = [roc_curve(probs[:, c], np.asarray(labels) == c) for c in range(len(classes))]
+        table = w.Table(columns=["class", "precision", "recall", "f1", "auc"],
+                        data=[[c] + [m[k] for k in ("precision", "recall", "f1", "auc")]
+                              for c, m in metrics["per_class"].items()])
+        self.run.log({
+            f"{title}/confusion": w.plot.confusion_matrix(y_true=list(map(int, labels)),
+                                                          preds=probs.argmax(1).tolist(), class_names=classes),
+            f"{title}/roc": w.plot.line_series(xs=[c[0].tolist() for c in curves], ys=[c[1].tolist() for c in curves],
+                                               keys=classes, title=f"ROC ({title})", xname="false positive rate"),
+            f"{title}/per_class": table})
+
+    def finish(self):
+        if self.run:
+            self._guard(self.run.finish)
+        self.run = None
+
+
+def print_progress_factory(cfg: Config, k: int):
+    """Per-epoch line with the fold, the epoch and the time left for the whole run."""
+    t0, done = time.time(), [0]
+
+    def progress(fold, row):
+        done[0] += 1
+        left = (time.time() - t0) / done[0] * (k * cfg.epochs - (fold - 1) * cfg.epochs - row["epoch"])
+        print(f"fold {fold}/{k} epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.2e} "
+              f"train {row['train_loss']:.3f} {row['train_acc']:6.1%} val {row['val_loss']:.3f} "
+              f"{row['val_acc']:6.1%} {row['seconds']:.1f}s left {left / 60:.1f}m", flush=True)
+    return progress
+
+
+def write_predictions(run_dir: Path, rows: list, classes: list):
+    """predictions.csv: fold, split, filename, label, pred, then one probability per class."""
+    header = ["fold", "split", "filename", "label", "pred"] + [f"p_{c}" for c in classes]
+    write_csv(run_dir / "predictions.csv", header, rows)
+
+
+def prediction_rows(fold, split, filenames, labels, probs):
+    probs = probs.double().numpy()
+    return [[fold, split, f, int(y), int(p.argmax())] + p.tolist() for f, y, p in zip(filenames, labels, probs)]
+
+
+def write_roc(run_dir: Path, labels, probs, classes):
+    rows = []
+    for c, name in enumerate(classes):
+        fpr, tpr = roc_curve(probs[:, c], np.asarray(labels) == c)
+        rows += [[name, a, b] for a, b in zip(fpr.tolist(), tpr.tolist())]
+    write_csv(run_dir / "roc.csv", ["class", "fpr", "tpr"], rows)
+
+
+def prepare_run_dir(cfg: Config, config: dict) -> Path:
+    """out/name/ with config.json; a different configuration under the same name is refused."""
+    run_dir = Path(cfg.out) / run_name(cfg)
+    old = run_dir / "config.json"
+    if cfg.restart and run_dir.exists():
+        for p in sorted(run_dir.rglob("*"), reverse=True):
+            if p.is_file() and "wandb" not in p.parts:
+                p.unlink()
+    elif old.is_file():
+        saved = json.loads(old.read_text()).get("fingerprint")
+        if saved != config["fingerprint"]:
+            raise UserError(f"{run_dir}: holds a run with a different configuration; "
+                            "pass --name to keep both, or --restart to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(old, config)
+    return run_dir
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__}
+
+
+def print_summary(metrics: dict):
+    print("\n" + "-" * 72)
+    print(f"{'set':<22}{'accuracy':>10}{'macro F1':>10}{'macro AUC':>11}")
+    for key, label in (("val", "validation (pooled)"), ("test", "test (fold models)"),
+                       ("ensemble_test", "test (ensemble)")):
+        m = metrics.get(key)
+        if m:
+            print(f"{label:<22}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
+    if metrics["test"]:
+        print(f"test accuracy over fold models: {metrics['test_mean']:.4f} +- {metrics['test_std']:.4f}")
+    p = metrics["params"]
+    print(f"parameters: {p['trainable']:,} trainable, {p['non_trainable']:,} non-trainable; "
+          f"buffers: {p['buffers']:,}")
+    print(f"time: {metrics['seconds'] / 60:.1f} min")
+
+
+# ----------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------
+
+def load_dataset(cfg: Config):
+    """The dataset table: (data folder, rows, sorted class names, labels (N,))."""
+    data_dir = find_data(cfg.data)
+    table = read_table(data_dir, cfg.subset)
+    classes = sorted({r["category"] for r in table})
+    return data_dir, table, classes, torch.tensor([classes.index(r["category"]) for r in table])
+
+
+def fold_result(cfg, run_dir, waves, labels, split, test_idx, fold, classes, tracker, progress) -> dict:
+    """The chosen model's probabilities on its validation fold and the test fold; a finished
+    fold is read back from fold<i>/result.pt, never retrained."""
+    fold_dir = run_dir / f"fold{fold}"
+    fold_dir.mkdir(exist_ok=True)
+    if (fold_dir / "result.pt").is_file():
+        return torch.load(fold_dir / "result.pt", weights_only=True)
+    model, best_epoch, history = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes), tracker,
+                                            progress)
+    res = {"best_epoch": best_epoch, "seconds": sum(r["seconds"] for r in history),
+           "val": predict(model, waves[split[1]]),
+           "test": predict(model, waves[test_idx]) if len(test_idx) else None}
+    shown = "test" if len(test_idx) else "val"
+    shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
+    tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
+    tracker.finish()
+    save_atomic(model.state_dict(), fold_dir / "model.pt")
+    save_atomic(res, fold_dir / "result.pt")
+    (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
+    return res
+
+
+def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
+    """Pooled out-of-fold validation, the fold models on the test fold, and their ensemble."""
+    folds = []
+    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
+        fm = {"fold": fold, "best_epoch": res["best_epoch"], "seconds": res["seconds"],
+              "val": summarize(labels[val_idx], res["val"], classes)}
+        if res["test"] is not None:
+            fm["test"] = summarize(labels[test_idx], res["test"], classes)
+        folds.append(fm)
+    val_idx = np.concatenate([v for _, v in splits])
+    metrics = {"val": summarize(labels[val_idx], torch.cat([r["val"] for r in results]), classes),
+               "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
+    if len(test_idx):
+        accs = [fm["test"]["accuracy"] for fm in folds]
+        probs = torch.stack([r["test"] for r in results]).double()  # (k, N_test, K)
+        metrics.update(test=summarize(labels[test_idx].repeat(len(results)), probs.flatten(0, 1), classes),
+                       test_mean=float(np.mean(accs)), test_std=float(np.std(accs)),
+                       ensemble_test=summarize(labels[test_idx], probs.mean(0), classes))
+    return metrics
+
+
+def write_results(run_dir, results, labels, splits, test_idx, filenames, classes):
+    """predictions.csv for every validation and test prediction; roc.csv for the test set
+    (the pooled validation predictions when there is none)."""
+    rows, test_sets = [], []
+    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
+        rows += prediction_rows(fold, "val", [filenames[i] for i in val_idx], labels[val_idx], res["val"])
+        if res["test"] is not None:
+            rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
+    write_predictions(run_dir, rows, classes)
+    if len(test_idx):
+        roc_labels = labels[test_idx].repeat(len(results))
+        roc_probs = torch.cat([r["test"] for r in results])
+    else:
+        roc_labels = labels[np.concatenate([v for _, v in splits])]
+        roc_probs = torch.cat([r["val"] for r in results])
+    write_roc(run_dir, roc_labels.numpy(), roc_probs.double().numpy(), classes)
+    return roc_labels.numpy(), roc_probs.double().numpy()
+
+
+def run(cfg: Config) -> dict:
+    """The experiment: data, splits, k fold trainings, test metrics, files."""
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data_dir, table, classes, labels = load_dataset(cfg)
+    config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(data_dir), "classes": classes,
+              "n_clips": len(table), "fingerprint": config_fingerprint(cfg), "versions": versions(),
+              "params": count_params(build_model(cfg, len(classes)))}
+    run_dir = prepare_run_dir(cfg, config)
+    if (run_dir / "metrics.json").is_file():
+        print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
+        return json.loads((run_dir / "metrics.json").read_text())
+    waves = load_clips(data_dir, table, cfg)  # (N, S)
+    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
+                                   labels.numpy(), cfg.test_fold, cfg.kfold)
+    print(f"{run_dir}: {cfg.arch} on {len(table)} clips, {len(classes)} classes, "
+          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds")
+    tracker = Tracker(cfg, run_dir, config)
+    progress = print_progress_factory(cfg, cfg.kfold)
+    results = [fold_result(cfg, run_dir, waves, labels, split, test_idx, fold, classes, tracker, progress)
+               for fold, split in enumerate(splits, start=1)]
+    metrics = gather_metrics(results, labels, splits, test_idx, classes)
+    # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
+    metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
+    roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
+                                          [r["filename"] for r in table], classes)
+    write_json(run_dir / "metrics.json", metrics)
+    tracker.start("summary")
+    tracker.summary(metrics["test"] or metrics["val"], roc_labels, roc_probs, classes,
+                    "test" if metrics["test"] else "val")
+    tracker.finish()
+    print_summary(metrics)
+    return metrics
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except UserError as e:
+        if cfg.debug:
+            raise
+        print(f"audiotx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished epochs are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

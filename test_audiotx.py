@@ -1,0 +1,401 @@
+"""Tests for audiotx: layers against references, metrics against hand-worked cases and scipy,
+data and splits on the real ESC-10 csv, and the command end to end on real and synthetic data.
+
+    pytest test_audiotx.py
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+import audiotx
+
+HERE = Path(__file__).resolve().parent
+REAL_DATA = HERE.parent / "shared" / "data" / "ESC-10"
+needs_real_data = pytest.mark.skipif(
+    not (REAL_DATA / "meta" / "esc50.csv").is_file() and not os.environ.get("CI"),
+    reason="../shared/data/ESC-10 is absent (under CI these tests must run, so they fail instead)")
+
+
+# ---- helpers ----
+
+def write_dataset(root: Path, n_classes=3, clips_per_fold=2, folds=5, rate=8000, seconds=1.0, odd=False):
+    """A tiny ESC-50-layout dataset: class c is a tone at 300 * (c + 1) Hz plus noise."""
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for fold in range(1, folds + 1):
+        for c in range(n_classes):
+            for j in range(clips_per_fold):
+                src = f"{fold}{c}{j}0"
+                name = f"{fold}-{src}-A-{c}.wav"
+                r = rate * 2 if odd and j == 0 else rate  # some clips at another rate, stereo, shorter
+                t = np.arange(int(r * seconds * (0.7 if odd and j == 0 else 1))) / r
+                wave = 0.5 * np.sin(2 * np.pi * 300 * (c + 1) * t) + 0.05 * rng.standard_normal(len(t))
+                if odd and j == 0:
+                    wave = np.stack([wave, wave], axis=1)
+                scipy.io.wavfile.write(root / "audio" / name, r, (wave * 32767).astype(np.int16))
+                rows.append([name, fold, c, f"class{c}", "True", src, "A"])
+    with open(root / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        w.writerows(rows)
+    return root
+
+
+def run_cli(args, env_extra=None, cwd=HERE, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(HERE / "audiotx.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def independent_metrics(labels, probs, n_classes):
+    """Metrics recomputed without audiotx: loops for the confusion matrix, scipy for the AUC."""
+    preds = probs.argmax(1)
+    cm = np.zeros((n_classes, n_classes), dtype=int)
+    for y, p in zip(labels, preds):
+        cm[y, p] += 1
+    f1s, aucs = [], []
+    for c in range(n_classes):
+        tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c].sum() - cm[c, c]
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        pos, neg = probs[labels == c, c], probs[labels != c, c]
+        aucs.append(scipy.stats.mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+    return {"accuracy": float((preds == labels).mean()), "macro_f1": float(np.mean(f1s)),
+            "macro_auc": float(np.mean(aucs)), "confusion": cm.tolist(), "f1": f1s, "auc": aucs}
+
+
+def check_run_files(run_dir: Path, k: int, has_test: bool):
+    """Every file the issue lists, and metrics.json against an independent computation."""
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    classes = config["classes"]
+    assert metrics["classes"] == classes and config["versions"]["torch"] == torch.__version__
+    for i in range(1, k + 1):
+        with open(run_dir / f"fold{i}" / "history.csv") as f:
+            hist = list(csv.DictReader(f))
+        assert len(hist) == config["epochs"]
+        assert set(hist[0]) >= {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    with open(run_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["fold", "split", "filename", "label", "pred"]
+    probs = {s: np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows if r["split"] == s])
+             for s in ("val", "test")}
+    labels = {s: np.array([int(r["label"]) for r in rows if r["split"] == s]) for s in ("val", "test")}
+    assert len(set(r["filename"] for r in rows if r["split"] == "val")) == len(labels["val"])  # each clip once
+    sets = [("val", labels["val"], probs["val"])]
+    if has_test:
+        test_rows = [r for r in rows if r["split"] == "test"]
+        names = sorted(set(r["filename"] for r in test_rows))
+        ens = np.array([np.mean([probs["test"][i] for i, r in enumerate(test_rows) if r["filename"] == n], axis=0)
+                        for n in names])
+        ens_labels = np.array([next(int(r["label"]) for r in test_rows if r["filename"] == n) for n in names])
+        sets += [("test", labels["test"], probs["test"]), ("ensemble_test", ens_labels, ens)]
+        accs = [m["test"]["accuracy"] for m in metrics["folds"]]
+        assert metrics["test_mean"] == pytest.approx(np.mean(accs), abs=1e-9)
+        assert metrics["test_std"] == pytest.approx(np.std(accs), abs=1e-9)
+    else:
+        assert metrics["test"] is None and metrics["ensemble_test"] is None and labels["test"].size == 0
+    for key, y, p in sets:
+        ref, got = independent_metrics(y, p, len(classes)), metrics[key]
+        for m in ("accuracy", "macro_f1", "macro_auc"):
+            assert got[m] == pytest.approx(ref[m], abs=1e-6), (key, m)
+        assert got["confusion"] == ref["confusion"]
+        assert [got["per_class"][c]["f1"] for c in classes] == pytest.approx(ref["f1"], abs=1e-6)
+    with open(run_dir / "roc.csv") as f:
+        roc = list(csv.DictReader(f))
+    assert list(roc[0]) == ["class", "fpr", "tpr"] and {r["class"] for r in roc} == set(classes)
+    assert set(metrics["params"]) == {"trainable", "non_trainable", "buffers"}
+    return config, metrics
+
+
+# ---- model ----
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_attention_matches_scaled_dot_product_attention(heads):
+    torch.manual_seed(heads)
+    attn = audiotx.SelfAttention(dim=32, heads=heads).eval()
+    x = torch.randn(3, 7, 32)
+    q, k, v = attn.qkv(x).split(32, dim=2)
+    q, k, v = (t.view(3, 7, heads, 32 // heads).transpose(1, 2) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 7, 32)
+    torch.testing.assert_close(attn(x), attn.proj(ref), rtol=1e-5, atol=1e-6)
+
+
+def tiny_transformer(heads=2, n_classes=3):
+    torch.manual_seed(0)
+    return audiotx.AudioTransformer(dim=16, heads=heads, depth=2, n_classes=n_classes, n_samples=8192,
+                                    dropout=0.1).eval()
+
+
+def test_cls_token_is_position_zero_and_reaches_the_head():
+    model = tiny_transformer()
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model.cls.normal_()
+        wave = torch.randn(2, 8192)
+        out = model(wave)
+    assert seen["x"].shape == (2, 1 + model.front.out_len(8192), 16)
+    torch.testing.assert_close(seen["x"][:, 0], (model.cls[0, 0] + model.pos[0, 0]).expand(2, -1))
+    with torch.no_grad():  # the logits are read from <cls>: changing it changes them
+        model.cls.add_(torch.randn_like(model.cls))  # not a constant: LayerNorm removes that
+        assert not torch.allclose(out, model(wave))
+
+
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_output_does_not_depend_on_batch_order(arch):
+    torch.manual_seed(0)
+    model = (tiny_transformer() if arch == "transformer"
+             else audiotx.CNNClassifier(dim=16, n_classes=3, dropout=0.1).eval())
+    wave = torch.randn(5, 8192)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        out = model(wave)
+        assert out.shape == (5, 3) and torch.isfinite(out).all()
+        torch.testing.assert_close(model(wave[perm]), out[perm], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_tiny_model_overfits_one_batch(arch):
+    cfg = audiotx.Config(arch=arch, dim=16, heads=2, dropout=0.0, sample_rate=8192, clip_seconds=1.0)
+    torch.manual_seed(0)
+    model = audiotx.build_model(cfg, 4)
+    wave, labels = torch.randn(8, 8192), torch.arange(8) % 4
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = F.cross_entropy(model(wave), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert (model(wave).argmax(1) == labels).all() and loss.item() < 0.1
+
+
+def test_param_counts_split_trainable_frozen_and_buffers():
+    model = audiotx.CNNClassifier(dim=16, n_classes=3, dropout=0.0)
+    total = sum(p.numel() for p in model.parameters())
+    model.head.net[0].weight.requires_grad_(False)
+    counts = audiotx.count_params(model)
+    assert counts["non_trainable"] == 16 * 32 and counts["trainable"] == total - 16 * 32
+    assert counts["buffers"] == sum(2 * c + 1 for c in (4, 8, 16, 16))  # BN mean, var, count per layer
+
+
+# ---- metrics ----
+
+def test_metrics_on_a_hand_worked_case():
+    # true:  0 0 0 1 1 2 ; pred: 0 0 1 1 2 2
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.8 + 0.1
+    m = audiotx.summarize(labels, probs, ["a", "b", "c"])
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # class a: P=1, R=2/3, F1=0.8; b: P=1/2, R=1/2, F1=1/2; c: P=1/2, R=1, F1=2/3
+    assert [m["per_class"][c]["f1"] for c in "abc"] == pytest.approx([0.8, 0.5, 2 / 3])
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    # class a scores: positives 0.9 0.9 0.1, negatives 0.1 0.1 0.1 -> pairs won 6 of 9, ties 3 -> 7.5 / 9
+    assert m["per_class"]["a"]["auc"] == pytest.approx(7.5 / 9)
+
+
+def test_auc_matches_mann_whitney_with_ties():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        scores = rng.integers(0, 6, size=40) / 5.0  # many ties
+        positive = rng.random(40) < 0.4
+        fpr, tpr = audiotx.roc_curve(scores, positive)
+        u = scipy.stats.mannwhitneyu(scores[positive], scores[~positive]).statistic
+        assert audiotx.auc(fpr, tpr) == pytest.approx(u / (positive.sum() * (~positive).sum()), abs=1e-12)
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+def test_auc_undefined_for_a_class_absent_from_the_set():
+    m = audiotx.summarize(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3), ["a", "b", "c"])
+    assert m["per_class"]["c"]["auc"] is None and m["macro_auc"] == pytest.approx(0.5)
+
+
+# ---- data ----
+
+@pytest.mark.parametrize("dtype,scale,offset", [(np.uint8, 128, 128), (np.int16, 32768, 0),
+                                                (np.int32, 2 ** 31, 0), (np.float32, 1, 0), (np.float64, 1, 0)])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_load_wav_round_trips(tmp_path, dtype, scale, offset, channels):
+    wave = np.sin(np.linspace(0, 20, 1000)) * 0.9
+    stored = np.round(wave * scale + offset) if scale > 1 else wave
+    data = stored.astype(dtype)
+    if channels == 2:  # left = wave, right = -wave/2: the mix-down is wave/4
+        right = (np.round(-wave / 2 * scale + offset) if scale > 1 else -wave / 2).astype(dtype)
+        data = np.stack([data, right], axis=1)
+    path = tmp_path / "x.wav"
+    scipy.io.wavfile.write(path, 22050, data)
+    got, rate = audiotx.load_wav(path)
+    assert rate == 22050 and got.dtype == np.float32 and got.shape == (1000,)
+    expect = wave if channels == 1 else wave / 4
+    np.testing.assert_allclose(got, expect, atol=2.5 / scale + 1e-6)
+
+
+def test_fit_clip_resamples_pads_and_crops():
+    tone = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
+    out = audiotx.fit_clip(tone, 44100, 16000, 32000)
+    assert out.shape == (32000,) and np.all(out[16000:] == 0)  # 1 s of audio, then 1 s of padding
+    spectrum = np.abs(np.fft.rfft(out[:16000]))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # the tone is still at 440 Hz after resampling
+    assert audiotx.fit_clip(tone, 44100, 44100, 1000).shape == (1000,)
+
+
+@needs_real_data
+@pytest.mark.parametrize("test_fold,k", [(1, 4), (0, 4), (0, 5), (3, 2)])
+def test_splits_on_the_real_csv(test_fold, k):
+    table = audiotx.read_table(REAL_DATA, "esc10")
+    assert len(table) == 400
+    folds = np.array([r["fold"] for r in table])
+    groups = np.array([r["src_file"] for r in table])
+    labels = np.array([sorted({r["category"] for r in table}).index(r["category"]) for r in table])
+    test, splits = audiotx.split_folds(folds, groups, labels, test_fold, k)
+    assert len(splits) == k
+    assert set(test.tolist()) == set(np.flatnonzero(folds == test_fold).tolist())
+    vals = np.concatenate([v for _, v in splits])
+    assert sorted(vals.tolist()) == sorted(np.flatnonzero(folds != test_fold).tolist())  # each clip once
+    for train, val in splits:
+        assert not set(train.tolist()) & set(val.tolist())
+        assert not set(train.tolist()) & set(test.tolist())
+        assert not set(groups[train]) & set(groups[val])
+        assert len(train) + len(val) + len(test) == 400
+        counts = np.bincount(labels[val], minlength=10)
+        assert counts.max() - counts.min() <= 4  # classes stay balanced
+    if test_fold == 1 and k == 4:  # the course's configuration: official folds 2..5 in turn
+        assert [sorted(set(folds[v].tolist())) for _, v in splits] == [[2], [3], [4], [5]]
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
+    cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
+    table = audiotx.read_table(root, "esc10")
+    first = audiotx.load_clips(root, table, cfg)
+    path = audiotx.cache_path(root, table, cfg)
+    assert path.is_file() and first.shape == (6, 8000)
+    np.save(path, np.zeros((6, 8000), dtype=np.float32))  # a reused cache is read, not rebuilt
+    assert audiotx.load_clips(root, table, cfg).abs().sum() == 0
+    name = root / "audio" / table[0]["filename"]
+    scipy.io.wavfile.write(name, 8000, np.zeros(8000, dtype=np.int16) + 100)
+    assert audiotx.cache_path(root, table, cfg) != path  # changed size or mtime -> new key
+    assert audiotx.load_clips(root, table, cfg)[0].abs().max() > 0
+
+
+# ---- training ----
+
+def test_same_seed_same_numbers_and_schedule_shape():
+    cfg = audiotx.Config(dim=16, sample_rate=8192, clip_seconds=1.0, batch_size=4, epochs=2)
+    waves, labels = torch.randn(12, 8192), torch.arange(12) % 3
+
+    def losses():
+        torch.manual_seed(5)
+        model = audiotx.build_model(cfg, 3)
+        opt = audiotx.make_optimizer(cfg, model)
+        return [audiotx.train_epoch(model, opt, waves, labels, np.arange(12), cfg, 3, 3 * e, 6)[0] for e in range(2)]
+
+    assert losses() == losses()
+    lrs = [audiotx.lr_at(cfg, s, 100) for s in range(100)]
+    assert max(lrs) == pytest.approx(cfg.lr, rel=1e-3) and lrs[0] == pytest.approx(cfg.lr / 25)
+    assert 25 <= int(np.argmax(lrs)) <= 35 and lrs[-1] < cfg.lr * 1e-3
+
+
+def test_augment_keeps_shapes_and_mixes_targets():
+    torch.manual_seed(0)
+    cfg = audiotx.Config(mixup=0.4)
+    wave, target = audiotx.augment(torch.randn(6, 100), torch.tensor([0, 1, 2, 0, 1, 2]), 3, cfg)
+    assert wave.shape == (6, 100) and target.shape == (6, 3)
+    torch.testing.assert_close(target.sum(1), torch.ones(6))
+    silent, _ = audiotx.augment(torch.zeros(4, 100), torch.zeros(4, dtype=torch.long), 3, cfg)
+    assert torch.isfinite(silent).all() and silent.abs().max() == 0
+
+
+# ---- end to end ----
+
+@needs_real_data
+def test_main_command_on_real_esc10(tmp_path):
+    res = run_cli(["--arch", "transformer", "--heads", "2", "--kfold", "4", "--epochs", "1", "--dim", "32",
+                   "--sample-rate", "8000", "--out", str(tmp_path / "runs")],
+                  env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "runs" / "transformer-h2-test1-k4"
+    config, metrics = check_run_files(run_dir, 4, has_test=True)
+    assert config["n_clips"] == 400 and len(config["classes"]) == 10
+    assert metrics["test"]["n"] == 4 * 80 and metrics["ensemble_test"]["n"] == 80 and metrics["val"]["n"] == 320
+    assert "fold 4/4 epoch   1/1" in res.stdout and "test (ensemble)" in res.stdout
+
+
+@pytest.mark.parametrize("arch,heads,test_fold", [("cnn", 2, 1), ("transformer", 1, 0), ("transformer", 4, 1)])
+def test_every_architecture_and_split_on_synthetic_data(tmp_path, monkeypatch, arch, heads, test_fold):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = write_dataset(tmp_path / "data", odd=True)
+    out = tmp_path / "runs"
+    args = ["--data", str(root), "--arch", arch, "--heads", str(heads), "--test-fold", str(test_fold),
+            "--kfold", "4", "--epochs", "2", "--dim", "16", "--sample-rate", "8000", "--clip-seconds", "1",
+            "--batch-size", "8", "--out", str(out)]
+    assert audiotx.main(args) == 0
+    name = f"{arch}{'-h%d' % heads if arch == 'transformer' else ''}-test{test_fold}-k4"
+    config, metrics = check_run_files(out / name, 4, has_test=bool(test_fold))
+    assert config["classes"] == ["class0", "class1", "class2"]
+    assert (metrics["test"] or metrics["val"])["n"] == (4 * 6 if test_fold else 30)
+    assert not list(out.rglob("wandb"))  # --wandb disabled by the environment: no W&B files at all
+
+
+def test_wandb_offline_stays_inside_the_run_folder(tmp_path):
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"WANDB_MODE": "offline", "HOME": str(home), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "WANDB_DIR": str(tmp_path / "wd"), "WANDB_CACHE_DIR": str(tmp_path / "wc"),
+           "WANDB_DATA_DIR": str(tmp_path / "wdata"), "WANDB_CONFIG_DIR": str(tmp_path / "wconf")}
+    env.pop("WANDB_API_KEY", None)
+    res = run_cli(["--data", str(root), "--test-fold", "1", "--kfold", "2", "--epochs", "1", "--dim", "16",
+                   "--sample-rate", "8000", "--clip-seconds", "1", "--out", str(tmp_path / "runs")], env_extra=env)
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "runs" / "transformer-h2-test1-k2"
+    files = sorted(p.parent.name for p in (run_dir / "wandb").rglob("*.wandb"))
+    assert len(files) == 3  # fold1, fold2 and the configuration's summary run
+    assert list(home.rglob("*")) == []
+
+
+def test_wandb_disabled_writes_no_wandb_files(tmp_path):
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
+    res = run_cli(["--data", str(root), "--kfold", "2", "--epochs", "1", "--dim", "16", "--sample-rate", "8000",
+                   "--clip-seconds", "1", "--wandb", "disabled", "--out", str(tmp_path / "runs")],
+                  env_extra={"WANDB_MODE": "", "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert [p for p in tmp_path.rglob("*") if "wandb" in p.name.lower()] == []
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("args,culprit", [
+    (["--data", "/nonexistent/esc"], "/nonexistent/esc"),
+    (["--heads", "3"], "--heads 3"),
+    (["--kfold", "1"], "--kfold"),
+    (["--epochs", "0"], "--epochs"),
+    (["--test-fold", "9"], "--test-fold 9"),
+])
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, args, culprit):
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
+    base = ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000", "--clip-seconds", "1"]
+    res = run_cli(base + args, env_extra={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert res.returncode == 2
+    assert culprit in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
