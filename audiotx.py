@@ -338,11 +338,9 @@ class ConvFrontEnd(nn.Module):
         # 1 ms hops; each later layer halves or quarters time while widening the channels.
         plan = [(1, dim // 4, stem_kernel, stem_stride, 4), (dim // 4, dim // 2, 3, 1, 4),
                 (dim // 2, dim, 3, 1, 4), (dim, dim, 3, 1, 2)]
-        layers = []
-        for c_in, c_out, k, s, pool in plan:
-            layers += [nn.Conv1d(c_in, c_out, k, s, padding=(k - s) // 2, bias=False),
-                       nn.BatchNorm1d(c_out), nn.ReLU(inplace=True), nn.MaxPool1d(pool)]
-        self.layers = nn.Sequential(*layers)
+        self.convs = nn.ModuleList(nn.Conv1d(c_in, c_out, k, s, padding=(k - s) // 2, bias=False)
+                                   for c_in, c_out, k, s, _ in plan)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c_out) for _, c_out, _, _, _ in plan)
         self.plan = plan
 
     def out_len(self, n_samples: int) -> int:
@@ -351,7 +349,12 @@ class ConvFrontEnd(nn.Module):
         return n_samples
 
     def forward(self, wave):
-        return self.layers(wave.unsqueeze(1)).transpose(1, 2)  # (B, 1, S) -> (B, C, T) -> (B, T, C)
+        x = wave.unsqueeze(1)  # (B, 1, S)
+        for conv, norm, (*_, pool) in zip(self.convs, self.norms, self.plan):
+            x = conv(x)  # (B, C, L)
+            # Max-pool first, so normalisation and ReLU touch a quarter of the values.
+            x = F.relu(norm(F.max_pool1d(x, pool)))  # (B, C, L / pool)
+        return x.transpose(1, 2)  # (B, C, T) -> (B, T, C)
 
 
 class SelfAttention(nn.Module):
