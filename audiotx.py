@@ -17,6 +17,7 @@ commands that produced them.
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -28,6 +29,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
 ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
 CACHE_VERSION = 1  # bump when the cached waveform format changes
+ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire", 20: "crying_baby",
+         21: "sneezing", 38: "clock_tick", 40: "helicopter", 41: "chainsaw"}  # ESC-50 target -> name
 
 
 class UserError(Exception):
@@ -98,9 +102,14 @@ CHOICES = {"arch": ["cnn", "transformer"], "subset": ["esc10", "esc50"],
            "wandb": ["auto", "online", "offline", "disabled"]}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other bad input
+        self.exit(2, f"audiotx: error: {message}\n")
+
+
 def parse_args(argv=None) -> Config:
     """Build the command line from Config's fields: --test-fold sets test_fold."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = OneLineParser(description=__doc__.split("\n\n")[0].strip())
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -140,12 +149,27 @@ def run_name(cfg: Config) -> str:
 # data
 # ----------------------------------------------------------------------------------------
 
+def read_wav(path):
+    """scipy's (sample rate, samples (S,) or (S, channels)); a broken or truncated file is a UserError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rate, data = scipy.io.wavfile.read(path)
+        except Exception as e:  # scipy raises ValueError, EOFError or struct errors for broken files
+            raise UserError(f"{path}: not a readable PCM/float WAV file ({str(e).splitlines()[0]})") from e
+    if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with only a warning
+        raise UserError(f"{path}: truncated (the data chunk is shorter than its header says)")
+    return rate, data
+
+
 def load_wav(path):
     """Read a PCM or float WAV; return (float32 mono wave in [-1, 1], sample rate)."""
-    try:
-        rate, data = scipy.io.wavfile.read(path)
-    except Exception as e:  # scipy raises ValueError, EOFError or struct errors for broken files
-        raise UserError(f"{path}: not a readable PCM/float WAV file ({e})") from e
+    rate, data = read_wav(path)
+    return to_mono_float(path, data), int(rate)
+
+
+def to_mono_float(path, data):
+    """Integer or float samples (S,) or (S, channels) -> float32 (S,) in [-1, 1]."""
     scale = {np.dtype(np.uint8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0 ** 31}
     if data.dtype == np.uint8:
         wave = (data.astype(np.float64) - 128.0) / 128.0
@@ -161,7 +185,7 @@ def load_wav(path):
         raise UserError(f"{path}: the file holds no samples")
     if not np.isfinite(wave).all():
         raise UserError(f"{path}: the audio holds NaN or infinite samples")
-    return wave.astype(np.float32), int(rate)
+    return wave.astype(np.float32)
 
 
 def find_data(arg: str) -> Path:
@@ -180,10 +204,11 @@ def find_data(arg: str) -> Path:
 def read_table(data_dir: Path, subset: str) -> list:
     """Rows of meta/esc50.csv as dicts (filename, fold, category, src_file), sorted by filename."""
     meta = data_dir / "meta" / "esc50.csv"
-    if not meta.is_file():
-        raise UserError(f"{meta}: missing (expected ESC-50 layout: audio/*.wav + meta/esc50.csv)")
-    with open(meta, newline="") as f:
-        rows = list(csv.DictReader(f))
+    if meta.is_file():
+        with open(meta, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = rows_from_names(data_dir, meta)
     missing = {"filename", "fold", "category"} - set(rows[0] if rows else {})
     if missing:
         raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
@@ -203,6 +228,23 @@ def read_table(data_dir: Path, subset: str) -> list:
     if len({r["category"] for r in table}) < 2:
         raise UserError(f"{meta}: fewer than two classes in the {subset} rows")
     return sorted(table, key=lambda r: r["filename"])
+
+
+def rows_from_names(data_dir: Path, meta: Path) -> list:
+    """Without meta/esc50.csv, the table from ESC-50 file names: {fold}-{src}-{take}-{target}.wav."""
+    names = sorted(p.name for p in (data_dir / "audio").glob("*.wav"))
+    bad = [n for n in names if not ESC_NAME.match(n)]
+    if not names or bad:
+        raise UserError(f"{meta}: missing, and {'audio/' + bad[0] if bad else 'audio/ holds no .wav file'} "
+                        "does not follow ESC-50's {fold}-{src}-{take}-{target}.wav names to stand in for it")
+    print(f"warning: {meta} is missing; folds, sources and classes come from the file names")
+    parts = [ESC_NAME.match(n).groups() for n in names]  # (fold, src, take, target)
+    rows = [{"filename": n, "fold": p[0], "src_file": p[1], "category": ESC10.get(int(p[3]), f"target{int(p[3]):02d}")}
+            for n, p in zip(names, parts)]
+    if len({p[3] for p in parts}) > len(ESC10):  # a full ESC-50 folder: mark its ESC-10 rows
+        for row, p in zip(rows, parts):
+            row["esc10"] = str(int(p[3]) in ESC10)
+    return rows
 
 
 def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
@@ -230,20 +272,27 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> np.ndarray:
     """Decode and resample every clip: (N, S) float32. Counts what needed fixing."""
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     waves = np.zeros((len(table), n_samples), dtype=np.float32)
-    odd = {"sample rate": 0, "length": 0, "channels": 0}
+    rates, lengths, multichannel = [], [], 0
     t0 = time.time()
     for i, r in enumerate(table):
         path = data_dir / "audio" / r["filename"]
-        wave, rate = load_wav(path)
-        odd["sample rate"] += rate != 44100
-        odd["length"] += abs(len(wave) / rate - cfg.clip_seconds) > 1e-3
+        rate, data = read_wav(path)
+        wave = to_mono_float(path, data)
+        multichannel += data.ndim == 2
+        rates.append(rate)
+        lengths.append(len(wave) / rate)
         waves[i] = fit_clip(wave, rate, cfg.sample_rate, n_samples)
         if (i + 1) % 100 == 0 or i + 1 == len(table):
             print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="", flush=True)
     print()
+    common_rate = max(set(rates), key=rates.count)
+    odd = {f"a sample rate other than {common_rate} Hz (resampled)": sum(r != common_rate for r in rates),
+           f"a length other than {cfg.clip_seconds:g} s (padded or cropped)":
+               sum(abs(n - cfg.clip_seconds) > 1e-3 for n in lengths),
+           "more than one channel (mixed down to mono)": multichannel}
     for what, count in odd.items():
         if count:
-            print(f"warning: {count} clip(s) differed in {what}; they were resampled, padded or cropped")
+            print(f"warning: {count} of {len(table)} clips had {what}")
     return waves
 
 
@@ -284,7 +333,7 @@ def regroup(groups, labels, k):
     return part_of_group[inverse]
 
 
-def split_folds(folds, groups, labels, test_fold, k):
+def split_folds(folds, groups, labels, test_fold, k, classes=None):
     """Test indices and k (train, val) index pairs; no source recording crosses a split."""
     folds, groups, labels = np.asarray(folds), np.asarray(groups), np.asarray(labels)
     official = sorted(set(folds.tolist()))
@@ -301,10 +350,11 @@ def split_folds(folds, groups, labels, test_fold, k):
         part = regroup(groups[rest], labels[rest], k)
     splits = [(rest[part != i], rest[part == i]) for i in range(k)]
     for i, (train, val) in enumerate(splits):
-        absent = set(range(labels.max() + 1)) - set(labels[train].tolist())
+        absent = sorted(set(range(labels.max() + 1)) - set(labels[train].tolist()))
         if len(val) == 0 or absent:
-            raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {sorted(absent)} "
-                            "with no training clips; use fewer folds")
+            names = ", ".join(str(classes[c] if classes else c) for c in absent) or "no clips"
+            raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {names} with no training "
+                            "clips; use fewer folds, or a dataset with that class in more folds")
     return test, splits
 
 
@@ -573,14 +623,19 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
+def load_checked(path: Path):
+    """torch.load, with a damaged or truncated file reported in one line instead of half-loaded."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
+
+
 def load_state(path: Path, fingerprint: str):
     """The saved fold state, or None when absent; damaged or foreign state is reported, not used."""
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: damaged checkpoint ({type(e).__name__}); rerun with --restart") from e
+    state = load_checked(path)
     if state.get("fingerprint") != fingerprint:
         raise UserError(f"{path}: saved by a different configuration; rerun with --restart")
     return state
@@ -771,22 +826,56 @@ def write_roc(run_dir: Path, labels, probs, classes):
     write_csv(run_dir / "roc.csv", ["class", "fpr", "tpr"], rows)
 
 
-def prepare_run_dir(cfg: Config, config: dict) -> Path:
-    """out/name/ with config.json; a different configuration under the same name is refused."""
-    run_dir = Path(cfg.out) / run_name(cfg)
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold run_dir/.lock while training, so two runs never write one folder; a lock left by
+    a killed run (its process is gone) is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = int(lock.read_text().strip() or 0) if lock.is_file() else 0
+            if pid and pid_alive(pid):
+                raise UserError(f"{run_dir}: another run (pid {pid}) is using this folder; "
+                                "wait for it, or pass --name or --out to run beside it") from None
+            lock.unlink(missing_ok=True)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, config: dict):
+    """config.json in run_dir; a different configuration under the same name is refused."""
     old = run_dir / "config.json"
-    if cfg.restart and run_dir.exists():
+    if cfg.restart:
         for p in sorted(run_dir.rglob("*"), reverse=True):
-            if p.is_file() and "wandb" not in p.parts:
+            if p.is_file() and "wandb" not in p.parts and p.name != ".lock":
                 p.unlink()
     elif old.is_file():
-        saved = json.loads(old.read_text()).get("fingerprint")
+        try:
+            saved = json.loads(old.read_text()).get("fingerprint")
+        except ValueError:
+            saved = None
         if saved != config["fingerprint"]:
             raise UserError(f"{run_dir}: holds a run with a different configuration; "
                             "pass --name to keep both, or --restart to replace it")
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(old, config)
-    return run_dir
 
 
 def versions() -> dict:
@@ -814,21 +903,35 @@ def print_summary(metrics: dict):
 # main
 # ----------------------------------------------------------------------------------------
 
-def load_dataset(cfg: Config):
-    """The dataset table: (data folder, rows, sorted class names, labels (N,))."""
-    data_dir = find_data(cfg.data)
-    table = read_table(data_dir, cfg.subset)
+@dataclass
+class Dataset:
+    root: Path
+    table: list             # rows of meta/esc50.csv, sorted by filename
+    classes: list           # sorted category names; label i is classes[i]
+    labels: torch.Tensor    # (N,)
+    test_idx: np.ndarray    # clips of the test fold (empty when --test-fold 0)
+    splits: list            # k (train_idx, val_idx) pairs
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """The table, labels and splits; no audio is read here."""
+    root = find_data(cfg.data)
+    table = read_table(root, cfg.subset)
     classes = sorted({r["category"] for r in table})
-    return data_dir, table, classes, torch.tensor([classes.index(r["category"]) for r in table])
+    labels = torch.tensor([classes.index(r["category"]) for r in table])
+    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
+                                   labels.numpy(), cfg.test_fold, cfg.kfold, classes)
+    return Dataset(root, table, classes, labels, test_idx, splits)
 
 
-def fold_result(cfg, run_dir, waves, labels, split, test_idx, fold, classes, tracker, progress) -> dict:
+def fold_result(cfg, run_dir, waves, ds: Dataset, fold, tracker, progress) -> dict:
     """The chosen model's probabilities on its validation fold and the test fold; a finished
     fold is read back from fold<i>/result.pt, never retrained."""
     fold_dir = run_dir / f"fold{fold}"
     fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
-        return torch.load(fold_dir / "result.pt", weights_only=True)
+        return load_checked(fold_dir / "result.pt")
+    split, test_idx, labels, classes = ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
     model, best_epoch, history = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes), tracker,
                                             progress)
     res = {"best_epoch": best_epoch, "seconds": sum(r["seconds"] for r in history),
@@ -889,28 +992,32 @@ def run(cfg: Config) -> dict:
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data_dir, table, classes, labels = load_dataset(cfg)
-    config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(data_dir), "classes": classes,
-              "n_clips": len(table), "fingerprint": config_fingerprint(cfg), "versions": versions(),
-              "params": count_params(build_model(cfg, len(classes)))}
-    run_dir = prepare_run_dir(cfg, config)
+    ds = load_dataset(cfg)
+    config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(ds.root), "classes": ds.classes,
+              "n_clips": len(ds.table), "fingerprint": config_fingerprint(cfg), "versions": versions(),
+              "params": count_params(build_model(cfg, len(ds.classes)))}
+    run_dir = Path(cfg.out) / run_name(cfg)
+    with run_lock(run_dir):
+        return run_locked(cfg, run_dir, config, ds)
+
+
+def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
+    prepare_run_dir(cfg, run_dir, config)
     if (run_dir / "metrics.json").is_file():
         print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
         return json.loads((run_dir / "metrics.json").read_text())
-    waves = load_clips(data_dir, table, cfg)  # (N, S)
-    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
-                                   labels.numpy(), cfg.test_fold, cfg.kfold)
-    print(f"{run_dir}: {cfg.arch} on {len(table)} clips, {len(classes)} classes, "
+    waves = load_clips(ds.root, ds.table, cfg)  # (N, S)
+    print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
           f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds")
     tracker = Tracker(cfg, run_dir, config)
     progress = print_progress_factory(cfg, cfg.kfold)
-    results = [fold_result(cfg, run_dir, waves, labels, split, test_idx, fold, classes, tracker, progress)
-               for fold, split in enumerate(splits, start=1)]
+    results = [fold_result(cfg, run_dir, waves, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
+    labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
     metrics = gather_metrics(results, labels, splits, test_idx, classes)
     # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
     metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
     roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
-                                          [r["filename"] for r in table], classes)
+                                          [r["filename"] for r in ds.table], classes)
     write_json(run_dir / "metrics.json", metrics)
     tracker.start("summary")
     tracker.summary(metrics["test"] or metrics["val"], roc_labels, roc_probs, classes,

@@ -385,17 +385,225 @@ def test_wandb_disabled_writes_no_wandb_files(tmp_path):
 
 # ---- bad input ----
 
-@pytest.mark.parametrize("args,culprit", [
-    (["--data", "/nonexistent/esc"], "/nonexistent/esc"),
-    (["--heads", "3"], "--heads 3"),
-    (["--kfold", "1"], "--kfold"),
-    (["--epochs", "0"], "--epochs"),
-    (["--test-fold", "9"], "--test-fold 9"),
-])
-def test_bad_input_is_one_line_with_exit_status_2(tmp_path, args, culprit):
-    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
-    base = ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000", "--clip-seconds", "1"]
-    res = run_cli(base + args, env_extra={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+def test_bad_input_from_the_real_command_is_one_line_with_exit_status_2(tmp_path):
+    res = run_cli(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")])
     assert res.returncode == 2
-    assert culprit in res.stderr and "Traceback" not in res.stderr
+    assert str(tmp_path / "nowhere") in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def cli(args, capsys):
+    """audiotx.main in this process: (exit status, stdout, stderr); argparse's exit counts too."""
+    try:
+        code = audiotx.main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, culprit):
+    assert code == 2, err
+    assert culprit in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def quick(tmp_path, monkeypatch):
+    """A tiny dataset and the flags for a fast run on it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
+    return root, ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000",
+                  "--clip-seconds", "1", "--kfold", "2", "--epochs", "1", "--dim", "16"]
+
+
+def test_missing_or_empty_data_folder(tmp_path, quick, capsys):
+    _, args = quick
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "absent", tmp_path / "empty"):
+        assert_one_line_error(*cli(args + ["--data", str(folder)], capsys)[::2], str(folder))
+
+
+def test_csv_problems_name_the_file_row_or_column(quick, capsys):
+    root, args = quick
+    meta = root / "meta" / "esc50.csv"
+    text = meta.read_text()
+    meta.write_text(text.replace("category", "label"))
+    assert_one_line_error(*cli(args, capsys)[::2], "category")
+    lines = text.splitlines()
+    victim = lines[3].split(",")[0]
+    meta.write_text(text)
+    (root / "audio" / victim).unlink()
+    assert_one_line_error(*cli(args, capsys)[::2], f"row 4: audio/{victim}")
+    meta.write_text("\n".join(l for l in lines if ",class0," in l or l.startswith("filename")) + "\n")
+    assert_one_line_error(*cli(args, capsys)[::2], "fewer than two classes")
+
+
+def test_missing_csv_falls_back_to_esc50_file_names(quick, capsys):
+    root, args = quick
+    (root / "meta" / "esc50.csv").unlink()
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    assert "esc50.csv is missing" in out
+    config = json.loads(next((Path(args[3])).rglob("config.json")).read_text())
+    assert config["classes"] == ["dog", "rooster", "target02"] and config["n_clips"] == 9
+    scipy.io.wavfile.write(root / "audio" / "stray.wav", 8000, np.zeros(8000, dtype=np.int16))
+    assert_one_line_error(*cli(args + ["--restart"], capsys)[::2], "audio/stray.wav")
+
+
+def broken_wavs(path: Path):
+    """Writers of each kind of unreadable file, by name."""
+    good = path.read_bytes()
+    compressed = bytearray(good)
+    compressed[20:22] = (2).to_bytes(2, "little")  # format tag 2 = ADPCM
+    return {"empty": b"", "truncated": good[:len(good) // 2], "not RIFF": b"OggS" + good[4:],
+            "compressed": bytes(compressed)}
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "not RIFF", "compressed", "NaN", "inf"])
+def test_unreadable_wav_stops_the_run_naming_the_file(quick, capsys, kind):
+    root, args = quick
+    victim = sorted((root / "audio").glob("*.wav"))[4]
+    if kind in ("NaN", "inf"):
+        wave = np.zeros(8000, dtype=np.float32)
+        wave[100] = np.nan if kind == "NaN" else np.inf
+        scipy.io.wavfile.write(victim, 8000, wave)
+    else:
+        victim.write_bytes(broken_wavs(victim)[kind])
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, str(victim))
+
+
+def test_24_bit_pcm_is_read(tmp_path):
+    wave = np.sin(np.arange(4000) / 7) * 0.8
+    ints = np.round(wave * 2 ** 23).astype(np.int64)
+    raw = b"".join(int(v).to_bytes(4, "little", signed=True)[:3] for v in ints)
+    header = (b"RIFF" + (36 + len(raw)).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+              + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (8000).to_bytes(4, "little")
+              + (24000).to_bytes(4, "little") + (3).to_bytes(2, "little") + (24).to_bytes(2, "little")
+              + b"data" + len(raw).to_bytes(4, "little"))
+    (tmp_path / "x.wav").write_bytes(header + raw)
+    got, rate = audiotx.load_wav(tmp_path / "x.wav")
+    assert rate == 8000
+    np.testing.assert_allclose(got, wave, atol=1e-6)
+
+
+def test_odd_clips_are_fixed_and_counted_and_silence_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = write_dataset(tmp_path / "data", odd=True)  # 15 of 30 clips at 16 kHz, stereo, 0.7 s
+    for p in sorted((root / "audio").glob("*.wav"))[1::3]:
+        scipy.io.wavfile.write(p, 8000, np.zeros(8000, dtype=np.int16))  # silent clips
+    code, out, err = cli(["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000",
+                          "--clip-seconds", "1", "--epochs", "2", "--dim", "16", "--batch-size", "8"], capsys)
+    assert code == 0, err
+    assert "of 30 clips had a sample rate other than 8000 Hz" in out
+    assert "of 30 clips had a length other than 1 s" in out and "of 30 clips had more than one channel" in out
+    for hist in (tmp_path / "runs").rglob("history.csv"):
+        rows = list(csv.DictReader(open(hist)))
+        assert all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "val_loss"))
+
+
+def test_a_class_missing_from_a_training_fold_is_refused(quick, capsys):
+    root, args = quick
+    meta = root / "meta" / "esc50.csv"
+    lines = meta.read_text().splitlines()
+    # every class2 clip moves to fold 2, so validating on fold 2 leaves no class2 clip to train on
+    meta.write_text("\n".join(l.replace(",3,2,", ",2,2,") for l in lines) + "\n")
+    assert_one_line_error(*cli(args + ["--test-fold", "1"], capsys)[::2], "class2")
+
+
+@pytest.mark.parametrize("flags,culprit", [
+    (["--heads", "3"], "--heads 3"), (["--kfold", "1"], "--kfold"), (["--kfold", "50"], "--kfold 50"),
+    (["--test-fold", "9"], "--test-fold 9"), (["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
+    (["--dim", "0"], "--dim"), (["--arch", "rnn"], "--arch"), (["--depth", "1"], "--depth"),
+])
+def test_impossible_flags_are_refused(quick, capsys, flags, culprit):
+    _, args = quick
+    assert_one_line_error(*cli(args + flags, capsys)[::2], culprit)
+
+
+def test_debug_shows_the_traceback(quick):
+    _, args = quick
+    with pytest.raises(audiotx.UserError):
+        audiotx.main(args + ["--heads", "3", "--debug"])
+
+
+# ---- interruptions ----
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=2)
+    args = ["--data", str(root), "--kfold", "2", "--epochs", "40", "--dim", "16", "--sample-rate", "8000",
+            "--clip-seconds", "1", "--batch-size", "4", "--threads", "1"]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    ref = run_cli(args + ["--out", str(tmp_path / "ref")], env_extra=env)
+    assert ref.returncode == 0, ref.stderr
+    cut_dir = tmp_path / "cut" / "transformer-h2-test1-k2"
+    proc = subprocess.Popen([sys.executable, str(HERE / "audiotx.py"), *args, "--out", str(tmp_path / "cut")],
+                            env={**os.environ, "WANDB_MODE": "disabled", **env}, stdout=subprocess.DEVNULL)
+    hist = cut_dir / "fold1" / "history.csv"
+    while proc.poll() is None and not (hist.is_file() and len(hist.read_text().splitlines()) > 10):
+        pass
+    proc.kill()  # SIGKILL: no handler runs, whatever was on disk is all there is
+    proc.wait()
+    assert (cut_dir / "fold1" / "state.pt").is_file() and not (cut_dir / "metrics.json").exists()
+    res = run_cli(args + ["--out", str(tmp_path / "cut")], env_extra=env)
+    assert res.returncode == 0, res.stderr
+    assert "fold 1: resuming after epoch" in res.stdout
+    a = json.loads((tmp_path / "ref" / "transformer-h2-test1-k2" / "metrics.json").read_text())
+    b = json.loads((cut_dir / "metrics.json").read_text())
+
+    def numbers(d, path=""):
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() if key != "seconds" for k, v in numbers(val, f"{path}/{key}").items()}
+        if isinstance(d, list):
+            return {k: v for i, val in enumerate(d) for k, v in numbers(val, f"{path}/{i}").items()}
+        return {path: d}
+    na, nb = numbers(a), numbers(b)
+    assert na.keys() == nb.keys() and len(na) > 100
+    for key in na:
+        assert nb[key] == pytest.approx(na[key], abs=1e-6), key
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
+    cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
+    table = audiotx.read_table(root, "esc10")
+    first = audiotx.load_clips(root, table, cfg)
+    path = audiotx.cache_path(root, table, cfg)
+    path.write_bytes(path.read_bytes()[:1000])
+    again = audiotx.load_clips(root, table, cfg)
+    assert "is damaged; rebuilding it" in capsys.readouterr().out
+    torch.testing.assert_close(again, first)
+
+
+def test_damaged_checkpoint_and_result_are_reported(quick, capsys):
+    _, args = quick
+    assert cli(args + ["--epochs", "2"], capsys)[0] == 0
+    run_dir = next(Path(args[3]).glob("*"))
+    (run_dir / "metrics.json").unlink()
+    result = run_dir / "fold2" / "result.pt"
+    result.write_bytes(result.read_bytes()[:100])
+    assert_one_line_error(*cli(args + ["--epochs", "2"], capsys)[::2], str(result))
+    result.unlink()
+    state = run_dir / "fold2" / "state.pt"
+    state.write_bytes((run_dir / "fold2" / "model.pt").read_bytes()[:300])
+    assert_one_line_error(*cli(args + ["--epochs", "2"], capsys)[::2], str(state))
+    assert cli(args + ["--epochs", "2", "--restart"], capsys)[0] == 0
+
+
+def test_another_configuration_or_a_live_lock_is_refused(quick, capsys):
+    _, args = quick
+    assert cli(args, capsys)[0] == 0
+    assert_one_line_error(*cli(args + ["--lr", "0.01"], capsys)[::2], "different configuration")
+    run_dir = next(Path(args[3]).glob("*"))
+    code, out, _ = cli(args, capsys)
+    assert code == 0 and "complete; nothing to do" in out
+    (run_dir / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    assert_one_line_error(*cli(args + ["--restart"], capsys)[::2], "another run")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run_dir / ".lock").write_text(str(dead.pid))  # a killed run's lock is taken over
+    assert cli(args + ["--restart"], capsys)[0] == 0 and not (run_dir / ".lock").exists()
