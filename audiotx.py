@@ -37,6 +37,7 @@ import numpy as np
 import scipy
 import scipy.io.wavfile
 import scipy.signal
+import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,10 +94,11 @@ class Config:
     project: str = "audiotx"         # W&B project
     entity: str = ""                 # W&B entity (team or user)
     debug: bool = False              # show tracebacks instead of one-line errors
+    report: str = ""                 # write DIR/REPORT.md from the finished runs in DIR, train nothing
 
 
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
-REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads"}
+REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report"}
 CHOICES = {"arch": ["cnn", "transformer"], "subset": ["esc10", "esc50"],
            "schedule": ["onecycle", "cosine", "constant"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -763,6 +765,9 @@ class Tracker:
             settings=self.wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True))
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
+        if self.mode == "online":  # the report links to every online run
+            with open(self.run_dir / "wandb_urls.txt", "a") as f:
+                f.write(f"{self.run.url}\n")
 
     def log(self, row: dict):
         if self.run:
@@ -900,6 +905,241 @@ def print_summary(metrics: dict):
 
 
 # ----------------------------------------------------------------------------------------
+# report: REPORT.md and SVG figures, from the files finished runs wrote
+# ----------------------------------------------------------------------------------------
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#000000"]
+
+
+def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320):
+    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs)."""
+    left, right, top, bottom = 55, 150, 30, 42
+    xs = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
+    py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
+           f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">{xml_escape(xlabel)}</text>',
+           f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{xml_escape(ylabel)}</text>',
+           f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
+    for t in np.linspace(0, 1, 5):
+        xv, yv = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+        out += [f'<text x="{px(xv):.1f}" y="{h - bottom + 14}" text-anchor="middle">{xv:.3g}</text>',
+                f'<text x="{left - 4}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>',
+                f'<path d="M{left},{py(yv):.1f} H{w - right}" stroke="#ddd"/>']
+    for i, (label, sx, sy, band) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        if band is not None:
+            pts = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
+            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" '
+                       f'fill="{color}" fill-opacity="0.18" stroke="none"/>')
+        out.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))}" '
+                   f'fill="none" stroke="{color}" stroke-width="1.5"/>')
+        ly = top + 8 + 15 * i
+        out += [f'<path d="M{w - right + 8},{ly} h16" stroke="{color}" stroke-width="2"/>',
+                f'<text x="{w - right + 28}" y="{ly + 4}">{xml_escape(label)}</text>']
+    return "\n".join(out) + "\n</svg>\n"
+
+
+def svg_confusion(cm, classes, title):
+    """Confusion matrix heat map with counts; rows true, columns predicted."""
+    cm = np.asarray(cm)
+    cell, left, top = 30, 110, 40
+    size = len(classes) * cell
+    w, h = left + size + 20, top + size + 100
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="10"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{xml_escape(title)}</text>',
+           f'<text x="{left + size / 2}" y="{h - 6}" text-anchor="middle">predicted</text>',
+           f'<text x="10" y="{top - 8}">true</text>']
+    rows = np.maximum(cm.sum(1, keepdims=True), 1)
+    for i, name in enumerate(classes):
+        out += [f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">{xml_escape(name)}</text>',
+                f'<text x="{left + i * cell + cell / 2 + 4}" y="{top + size + 6}" text-anchor="end" '
+                f'transform="rotate(-90 {left + i * cell + cell / 2 + 4} {top + size + 6})">{xml_escape(name)}</text>']
+        for j in range(len(classes)):
+            share = cm[i, j] / rows[i, 0]  # colour by the row's share, so classes of any size compare
+            out += [f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                    f'fill="rgb({int(255 - 225 * share)},{int(255 - 155 * share)},255)" stroke="#fff"/>',
+                    f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" text-anchor="middle" '
+                    f'fill="{"white" if share > 0.6 else "black"}">{cm[i, j]}</text>']
+    return "\n".join(out) + "\n</svg>\n"
+
+
+def xml_escape(text) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_runs(root: Path) -> list:
+    """Every finished configuration under root: its config, metrics, per-fold histories and ROC points."""
+    runs = []
+    for m in sorted(root.glob("*/metrics.json")):
+        d = m.parent
+        config, metrics = json.loads((d / "config.json").read_text()), json.loads(m.read_text())
+        histories = [read_csv(d / f"fold{i}" / "history.csv") for i in range(1, config["kfold"] + 1)]
+        runs.append({"name": d.name, "dir": d, "config": config, "metrics": metrics, "histories": histories,
+                     "roc": read_csv(d / "roc.csv")})
+    return runs
+
+
+def headline(run) -> dict:
+    """The numbers of one configuration that the tables compare."""
+    m, folds = run["metrics"], run["metrics"]["folds"]
+    val = [f["val"]["accuracy"] for f in folds]
+    shown = m["test"] or m["val"]
+    return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
+            "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
+            "f1": shown["macro_f1"], "auc": shown["macro_auc"], "on": "test" if m["test"] else "val (pooled)"}
+
+
+def split_label(config) -> str:
+    return f"test fold {config['test_fold']}, k={config['kfold']}" if config["test_fold"] else \
+        f"no test fold, k={config['kfold']}"
+
+
+def config_table(runs) -> list:
+    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc (folds) | "
+             "test acc (fold models) | ensemble test acc | macro F1 | macro AUC | F1/AUC on | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c, m, h = r["config"], r["metrics"], headline(r)
+        test = f"{m['test_mean']:.3f} ± {m['test_std']:.3f}" if m["test"] else "-"
+        ens = f"{m['ensemble_test']['accuracy']:.3f}" if m["ensemble_test"] else "-"
+        lines.append(f"| {r['name']} | {c['arch']} | {c['heads'] if c['arch'] == 'transformer' else '-'} | "
+                     f"{split_label(c)} | {m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
+                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
+                     f"{h['on']} | {m['seconds'] / 60:.1f} |")
+    return lines
+
+
+def paired(a, b):
+    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), float(scipy.stats.ttest_rel(a, b).pvalue)
+
+
+def analysis(runs) -> list:
+    """Which configuration is best, by validation accuracy, and whether each gap is beyond noise."""
+    lines = ["## Analysis", "",
+             "The best configuration of each split is the one with the highest mean validation accuracy over its "
+             "folds; the test fold plays no part in choosing it. Each other configuration of the same split is "
+             "compared with it fold by fold (the folds are the same clips): the mean difference, its 95% "
+             "t interval, and the paired t-test. With k folds there are only k pairs, so an interval that "
+             "contains 0 means the difference is within noise.", ""]
+    for split in sorted({split_label(r["config"]) for r in runs}):
+        group = [r for r in runs if split_label(r["config"]) == split]
+        best = max(group, key=lambda r: headline(r)["val_mean"])
+        hb = headline(best)
+        lines += [f"### {split}: best is `{best['name']}`", "",
+                  f"Validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
+                  + (f"; fold-model test accuracy {best['metrics']['test_mean']:.3f}, k-fold ensemble "
+                     f"{best['metrics']['ensemble_test']['accuracy']:.3f}." if best["metrics"]["test"] else "."), "",
+                  "| compared with | Δ val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
+                  "accuracy per 100k params |", "|---|---|---|---|---|---|---|---|"]
+        for r in group:
+            h = headline(r)
+            dv = paired(hb["val_folds"], h["val_folds"])
+            dt = paired(hb["test_folds"], h["test_folds"]) if hb["test_folds"] else None
+            per = (h["val_mean"] if not r["metrics"]["test"] else r["metrics"]["test_mean"]) \
+                / (r["metrics"]["params"]["trainable"] / 1e5)
+            test_cells = f"{dt[0]:+.3f} | [{dt[1]:+.3f}, {dt[2]:+.3f}] | {dt[3]:.2f}" if dt else "- | - | -"
+            noise = " (within noise)" if dv[1] <= 0 <= dv[2] and r is not best else ""
+            lines.append(f"| `{r['name']}`{' (itself)' if r is best else ''} | {dv[0]:+.3f}{noise} | "
+                         f"[{dv[1]:+.3f}, {dv[2]:+.3f}] | {dv[3]:.2f} | {test_cells} | {per:.3f} |")
+        lines += [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
+    return lines
+
+
+def class_comparison(group) -> list:
+    """Per-class F1 of the best transformer against the cnn, on the pooled validation predictions."""
+    cnn = [r for r in group if r["config"]["arch"] == "cnn"]
+    tfs = [r for r in group if r["config"]["arch"] == "transformer"]
+    if not cnn or not tfs:
+        return []
+    tf = max(tfs, key=lambda r: headline(r)["val_mean"])
+    a, b = cnn[0]["metrics"]["val"]["per_class"], tf["metrics"]["val"]["per_class"]
+    lines = [f"Per-class F1 on the pooled validation predictions, `{tf['name']}` against `{cnn[0]['name']}`:", "",
+             "| class | cnn F1 | transformer F1 | transformer − cnn |", "|---|---|---|---|"]
+    for c in sorted(a, key=lambda c: b[c]["f1"] - a[c]["f1"]):
+        lines.append(f"| {c} | {a[c]['f1']:.3f} | {b[c]['f1']:.3f} | {b[c]['f1'] - a[c]['f1']:+.3f} |")
+    return lines
+
+
+def heads_comparison(group) -> list:
+    tfs = sorted((r for r in group if r["config"]["arch"] == "transformer"), key=lambda r: r["config"]["heads"])
+    if len(tfs) < 2:
+        return []
+    cells = ", ".join(f"{r['config']['heads']} head(s) {headline(r)['val_mean']:.3f} ± {headline(r)['val_std']:.3f}"
+                      for r in tfs)
+    return [f"Heads, by validation accuracy over folds: {cells}."]
+
+
+def run_figures(run, fig_dir: Path) -> list:
+    """Curves, ROC and confusion SVGs of one configuration; returns the Markdown that shows them."""
+    name, m, classes = run["name"], run["metrics"], run["metrics"]["classes"]
+    hist = {k: np.array([[float(row[k]) for row in h] for h in run["histories"]])  # (k folds, epochs)
+            for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
+    epochs = np.arange(1, hist["val_acc"].shape[1] + 1)
+    band = lambda a: (a.min(0), a.max(0))  # noqa: E731  spread over folds
+    for kind in ("loss", "acc"):
+        svg = svg_lines([(f"{s} {kind}", epochs, hist[f"{s}_{kind}"].mean(0), band(hist[f"{s}_{kind}"]))
+                         for s in ("train", "val")],
+                        title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
+                        ylabel=kind)
+        write_text(fig_dir / f"{name}-{kind}.svg", svg)
+    shown = m["test"] or m["val"]
+    roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
+            [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
+    grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
+    macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
+    on = "test" if m["test"] else "pooled validation"
+    write_text(fig_dir / f"{name}-roc.svg", svg_lines(
+        roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
+        title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
+    write_text(fig_dir / f"{name}-confusion.svg", svg_confusion(shown["confusion"], classes, f"{name}: {on}"))
+    return [f"### {name}", "", f"![loss](figures/{name}-loss.svg) ![accuracy](figures/{name}-acc.svg)", "",
+            f"![ROC](figures/{name}-roc.svg) ![confusion matrix](figures/{name}-confusion.svg)", ""]
+
+
+def write_report(root: Path) -> Path:
+    """REPORT.md and figures/*.svg in root, from every finished configuration below it."""
+    runs = load_runs(root)
+    if not runs:
+        raise UserError(f"{root}: no finished configuration found (no */metrics.json); run bash run.sh first")
+    fig_dir = root / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    lines = ["# audiotx report", "",
+             f"Written by `python audiotx.py --report {root}` from the files of {len(runs)} finished "
+             f"configuration(s) in this folder. Accuracy is a fraction of clips; ± is the standard deviation "
+             f"over the fold models. Macro F1 and AUC are on the test fold (every fold model's predictions "
+             f"pooled), or on the pooled out-of-fold validation predictions where there is no test fold.", "",
+             "## Every configuration", ""] + config_table(runs) + [""]
+    lines += analysis(runs)
+    lines += ["## Curves, ROC and confusion matrices", ""]
+    for run in runs:
+        lines += run_figures(run, fig_dir)
+    urls = [u for r in runs if (r["dir"] / "wandb_urls.txt").is_file()
+            for u in (r["dir"] / "wandb_urls.txt").read_text().split()]
+    if urls:
+        lines += ["## Weights & Biases runs", ""] + [f"- {u}" for u in urls] + [""]
+    write_text(root / "REPORT.md", "\n".join(lines))
+    print(f"wrote {root / 'REPORT.md'} and {len(list(fig_dir.glob('*.svg')))} figures")
+    return root / "REPORT.md"
+
+
+# ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
 
@@ -1030,7 +1270,7 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        write_report(Path(cfg.report)) if cfg.report else run(cfg)
     except UserError as e:
         if cfg.debug:
             raise

@@ -281,13 +281,18 @@ def test_splits_on_the_real_csv(test_fold, k):
         assert [sorted(set(folds[v].tolist())) for _, v in splits] == [[2], [3], [4], [5]]
 
 
-def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+@pytest.fixture
+def cached(tmp_path, monkeypatch):
+    """A tiny dataset decoded once: (root, table, cfg, the clips, the cache file)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
     cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
     table = audiotx.read_table(root, "esc10")
-    first = audiotx.load_clips(root, table, cfg)
-    path = audiotx.cache_path(root, table, cfg)
+    return root, table, cfg, audiotx.load_clips(root, table, cfg), audiotx.cache_path(root, table, cfg)
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
+    root, table, cfg, first, path = cached
     assert path.is_file() and first.shape == (6, 8000)
     np.save(path, np.zeros((6, 8000), dtype=np.float32))  # a reused cache is read, not rebuilt
     assert audiotx.load_clips(root, table, cfg).abs().sum() == 0
@@ -566,13 +571,8 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
         assert nb[key] == pytest.approx(na[key], abs=1e-6), key
 
 
-def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
-    cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
-    table = audiotx.read_table(root, "esc10")
-    first = audiotx.load_clips(root, table, cfg)
-    path = audiotx.cache_path(root, table, cfg)
+def test_damaged_cache_is_rebuilt(cached, capsys):
+    root, table, cfg, first, path = cached
     path.write_bytes(path.read_bytes()[:1000])
     again = audiotx.load_clips(root, table, cfg)
     assert "is damaged; rebuilding it" in capsys.readouterr().out
@@ -607,3 +607,44 @@ def test_another_configuration_or_a_live_lock_is_refused(quick, capsys):
     dead.wait()
     (run_dir / ".lock").write_text(str(dead.pid))  # a killed run's lock is taken over
     assert cli(args + ["--restart"], capsys)[0] == 0 and not (run_dir / ".lock").exists()
+
+
+# ---- every configuration, and the report ----
+
+def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
+    import xml.etree.ElementTree as ET
+    root = write_dataset(tmp_path / "data", folds=5, clips_per_fold=1)
+    env = {**os.environ, "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "PYTHON": sys.executable, "OUT": str(tmp_path / "runs")}
+    args = ["--data", str(root), "--epochs", "1", "--dim", "16", "--sample-rate", "8000", "--clip-seconds", "1"]
+    res = subprocess.run(["bash", str(HERE / "run.sh"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    names = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/metrics.json"))
+    assert names == sorted([f"{a}-test{t}-k4" for a in ("cnn", "transformer-h1", "transformer-h2",
+                                                        "transformer-h4") for t in (0, 1)])
+    assert "== configuration 8/8" in res.stdout
+    report = (tmp_path / "runs" / "REPORT.md").read_text()
+    for section in ("## Every configuration", "## Analysis", "Per-class F1", "Heads, by validation accuracy",
+                    "## Curves, ROC and confusion matrices", "test fold 1, k=4: best is", "no test fold, k=4: best is"):
+        assert section in report
+    figures = list((tmp_path / "runs" / "figures").glob("*.svg"))
+    assert len(figures) == 8 * 4
+    for svg in figures:
+        assert ET.parse(svg).getroot().tag.endswith("svg")
+        assert f"figures/{svg.name}" in report
+    # An interrupted grid: one configuration lost its results; a rerun trains only that one.
+    (tmp_path / "runs" / "cnn-test0-k4" / "metrics.json").unlink()
+    again = subprocess.run(["bash", str(HERE / "run.sh"), *args], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("complete; nothing to do") == 7
+
+
+def test_paired_comparison_matches_scipy():
+    a, b = [0.80, 0.75, 0.85, 0.78], [0.70, 0.74, 0.80, 0.71]
+    mean, lo, hi, p = audiotx.paired(a, b)
+    d = np.subtract(a, b)
+    assert mean == pytest.approx(d.mean())
+    assert p == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
+    ci = scipy.stats.t.interval(0.95, 3, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert (lo, hi) == pytest.approx(ci)
