@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -30,7 +31,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,16 +76,16 @@ class Config:
     test_fold: int = 1               # official fold held out as the test set; 0 = none
     kfold: int = 4                   # validation folds over the remaining clips
     # training
-    epochs: int = 100
-    batch_size: int = 32
+    epochs: int = 100                # passes over the training folds
+    batch_size: int = 32             # clips per step
     lr: float = 2e-3                 # peak learning rate
     weight_decay: float = 0.05       # AdamW, on weight matrices only
     schedule: str = "onecycle"       # onecycle | cosine | constant
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1     # share of each target spread over all classes
     mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
-    seed: int = 0
+    seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     # output
     out: str = "runs"                # results go to out/name/
@@ -95,10 +96,14 @@ class Config:
     entity: str = ""                 # W&B entity (team or user)
     debug: bool = False              # show tracebacks instead of one-line errors
     report: str = ""                 # write DIR/REPORT.md from the finished runs in DIR, train nothing
+    tune: int = 0                    # tune --arch with N random settings (successive halving); 0 = train
+    hparams: str = ""                # JSON file of settings (e.g. a tuning's best.json); flags still win
+    bench: bool = False              # time every architecture on random clips, write out/bench.json, train nothing
 
 
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
-REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report"}
+REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report",
+                    "hparams", "bench"}  # hparams: its settings are in the other fields
 CHOICES = {"arch": ["cnn", "transformer"], "subset": ["esc10", "esc50"],
            "schedule": ["onecycle", "cosine", "constant"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -112,14 +117,33 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None) -> Config:
     """Build the command line from Config's fields: --test-fold sets test_fold."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0].strip())
+    # --help shows each field's trailing comment, so the comment in Config is the one description
+    helps = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, helptext = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + " (default: %(default)s)"
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name))
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=helptext)
+    args = parser.parse_args(argv)
+    if args.hparams:  # the file's settings become defaults, so flags given on the command line still win
+        parser.set_defaults(**load_hparams(args.hparams, parser))
+        args = parser.parse_args(argv)
+    return Config(**vars(args))
+
+
+def load_hparams(path: str, parser) -> dict:
+    """Settings from a JSON file: a flat {field: value} or a tuning's best.json ({"hparams": {...}})."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--hparams {path}: cannot read it as JSON ({e})")
+    d = d.get("hparams", d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        parser.error(f"--hparams {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return d
 
 
 def check_config(cfg: Config):
@@ -136,6 +160,8 @@ def check_config(cfg: Config):
         raise UserError(f"--heads {cfg.heads} does not divide --dim {cfg.dim}")
     if cfg.dim % 4:
         raise UserError(f"--dim must be a multiple of 4 (the front end widens dim/4 -> dim), got {cfg.dim}")
+    if cfg.tune < 0 or (cfg.tune and not cfg.test_fold):
+        raise UserError("--tune needs a held-out --test-fold (the best set is later tested on it) and N >= 0")
     if cfg.kfold < 2:
         raise UserError(f"--kfold must be at least 2, got {cfg.kfold}")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
@@ -144,7 +170,7 @@ def check_config(cfg: Config):
 
 def run_name(cfg: Config) -> str:
     heads = f"-h{cfg.heads}" if cfg.arch == "transformer" else ""
-    return cfg.name or f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}"
+    return cfg.name or (f"tune-{cfg.arch}" if cfg.tune else f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,16 +240,16 @@ def read_table(data_dir: Path, subset: str) -> list:
     missing = {"filename", "fold", "category"} - set(rows[0] if rows else {})
     if missing:
         raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
+    numbered = list(enumerate(rows, start=2))  # csv line numbers, for the errors
     if subset == "esc10" and "esc10" in rows[0]:
-        rows = [r for r in rows if r["esc10"].strip().lower() == "true"]
+        numbered = [(line, r) for line, r in numbered if r["esc10"].strip().lower() == "true"]
     table = []
-    for line, r in enumerate(rows, start=2):
+    for line, r in numbered:
         if not (data_dir / "audio" / r["filename"]).is_file():
             raise UserError(f"{meta} row {line}: audio/{r['filename']} does not exist")
-        try:
-            fold = int(r["fold"])
-        except ValueError:
-            raise UserError(f"{meta} row {line}: fold {r['fold']!r} is not a whole number") from None
+        fold = int(r["fold"]) if r["fold"].strip().isdigit() else 0
+        if fold < 1:
+            raise UserError(f"{meta} row {line}: fold {r['fold']!r} is not a positive whole number")
         match = ESC_NAME.match(r["filename"])
         src = r.get("src_file") or (match.group(2) if match else r["filename"])
         table.append({"filename": r["filename"], "fold": fold, "category": r["category"], "src_file": src})
@@ -358,6 +384,27 @@ def split_folds(folds, groups, labels, test_fold, k, classes=None):
             raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {names} with no training "
                             "clips; use fewer folds, or a dataset with that class in more folds")
     return test, splits
+
+
+@dataclass
+class Dataset:
+    root: Path
+    table: list             # rows of meta/esc50.csv, sorted by filename
+    classes: list           # sorted category names; label i is classes[i]
+    labels: torch.Tensor    # (N,)
+    test_idx: np.ndarray    # clips of the test fold (empty when --test-fold 0)
+    splits: list            # k (train_idx, val_idx) pairs
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """The table, labels and splits; no audio is read here."""
+    root = find_data(cfg.data)
+    table = read_table(root, cfg.subset)
+    classes = sorted({r["category"] for r in table})
+    labels = torch.tensor([classes.index(r["category"]) for r in table])
+    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
+                                   labels.numpy(), cfg.test_fold, cfg.kfold, classes)
+    return Dataset(root, table, classes, labels, test_idx, splits)
 
 
 def augment(wave, labels, n_classes, cfg: Config):
@@ -693,6 +740,68 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# tuning: successive halving over random settings, scored on validation folds only
+# ----------------------------------------------------------------------------------------
+
+SPACE = {  # what --tune samples; depth only for the transformer
+    "lr": lambda r: float(round(10 ** r.uniform(-3.3, -2.2), 5)),
+    "weight_decay": lambda r: float(round(10 ** r.uniform(-3, -0.7), 4)),
+    "dropout": lambda r: float(r.choice([0.0, 0.1, 0.2, 0.3])),
+    "dim": lambda r: int(r.choice([64, 128, 192])),
+    "depth": lambda r: int(r.choice([2, 3, 4])),
+    "mixup": lambda r: float(r.choice([0.0, 0.2, 0.4, 1.0])),
+    "gain_db": lambda r: float(r.choice([0.0, 6.0])),
+    "label_smoothing": lambda r: float(r.choice([0.0, 0.1])),
+}
+
+
+def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
+    """--tune N: N random settings; a third survive each rung (epochs/4 on 2 folds, epochs/2
+    on all folds, then all epochs on all folds). A trial's score is its mean over folds of the
+    validation accuracy of its last 10% of epochs. Only ds.splits are used: the test fold is
+    never read. Writes out/trials.csv (every trial at every rung) and out/best.json."""
+    rng = np.random.default_rng(cfg.seed)
+    names = [n for n in SPACE if n != "depth" or cfg.arch == "transformer"]
+    trials = [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune)]
+    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")} \
+        if (out / "trials.csv").is_file() else {}
+    rows, alive = [], list(range(len(trials)))
+    for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),
+                                              (cfg.epochs, cfg.kfold)]):
+        scores = {}
+        for t in alive:
+            trial_cfg = dataclasses.replace(cfg, **trials[t], epochs=epochs, tune=0)
+            scores[t] = done.get((t, rung))
+            if scores[t] is None:
+                scores[t] = score_trial(trial_cfg, ds, waves, out / f"trial{t}-rung{rung}", n_folds)
+            rows.append({"trial": t, "rung": rung, "epochs": epochs, "folds": n_folds, **trials[t],
+                         "score": scores[t]})
+            write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
+            print(f"tune {cfg.arch}: rung {rung} trial {t} ({epochs} epochs, {n_folds} folds) "
+                  f"score {scores[t]:.4f} {trials[t]}", flush=True)
+        alive = sorted(alive, key=lambda t: -scores[t])[:max(1, math.ceil(len(alive) / 3))]
+    best = {"arch": cfg.arch, "score": scores[alive[0]], "trial": alive[0], "hparams": trials[alive[0]]}
+    write_json(out / "best.json", best)
+    print(f"tune {cfg.arch}: best trial {alive[0]}, score {best['score']:.4f}: {best['hparams']}")
+    return best
+
+
+def score_trial(cfg: Config, ds: Dataset, waves: torch.Tensor, trial_dir: Path, n_folds: int) -> float:
+    """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
+    tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the final runs
+    accs = []
+    for fold in range(1, n_folds + 1):
+        fold_dir = trial_dir / f"fold{fold}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        _, _, history = train_fold(cfg, waves, ds.labels, ds.splits[fold - 1], fold, fold_dir,
+                                   len(ds.classes), tracker, lambda *_: None)
+        tail = max(1, len(history) // 10)
+        accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
+        (fold_dir / "state.pt").unlink(missing_ok=True)
+    return float(np.mean(accs))
+
+
+# ----------------------------------------------------------------------------------------
 # logging and reporting: files, Weights & Biases
 # ----------------------------------------------------------------------------------------
 
@@ -729,8 +838,8 @@ class Tracker:
     """One W&B run per fold and one for the whole configuration. W&B is imported only when
     used, and any W&B failure prints one warning and turns it off: the files are the record."""
 
-    def __init__(self, cfg: Config, run_dir: Path, config: dict):
-        self.mode, self.run_dir, self.config, self.cfg = wandb_mode(cfg), run_dir, config, cfg
+    def __init__(self, cfg: Config, run_dir: Path, config: dict, mode: str = ""):
+        self.mode, self.run_dir, self.config, self.cfg = mode or wandb_mode(cfg), run_dir, config, cfg
         self.run, self.wandb = None, None
         if self.mode == "disabled":
             return
@@ -1086,6 +1195,25 @@ def heads_comparison(group) -> list:
     return [f"Heads, by validation accuracy over folds: {cells}."]
 
 
+def tuning_section(root: Path) -> list:
+    """The best settings per architecture, with every trial behind them."""
+    lines = ["## Hyperparameters", ""]
+    tunings = sorted(root.glob("tune-*/best.json"))
+    if not tunings:
+        return lines + ["No tuning has run here: every configuration used the defaults in `config.json`. "
+                        "`python audiotx.py --arch ARCH --tune N --out DIR` tunes on the validation folds "
+                        "and `run.sh` then uses its `best.json`.", ""]
+    for path in tunings:
+        best, trials = json.loads(path.read_text()), read_csv(path.parent / "trials.csv")
+        lines += [f"### {best['arch']}: best validation score {best['score']:.3f} (trial {best['trial']})", "",
+                  "`" + json.dumps(best["hparams"]) + "`", "", "| " + " | ".join(trials[0]) + " |",
+                  "|" + "---|" * len(trials[0])]
+        lines += ["| " + " | ".join(f"{float(v):.4g}" if k == "score" else v for k, v in t.items()) + " |"
+                  for t in trials]
+        lines.append("")
+    return lines
+
+
 def run_figures(run, fig_dir: Path) -> list:
     """Curves, ROC and confusion SVGs of one configuration; returns the Markdown that shows them."""
     name, m, classes = run["name"], run["metrics"], run["metrics"]["classes"]
@@ -1126,7 +1254,7 @@ def write_report(root: Path) -> Path:
              f"over the fold models. Macro F1 and AUC are on the test fold (every fold model's predictions "
              f"pooled), or on the pooled out-of-fold validation predictions where there is no test fold.", "",
              "## Every configuration", ""] + config_table(runs) + [""]
-    lines += analysis(runs)
+    lines += analysis(runs) + tuning_section(root)
     lines += ["## Curves, ROC and confusion matrices", ""]
     for run in runs:
         lines += run_figures(run, fig_dir)
@@ -1140,29 +1268,83 @@ def write_report(root: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------
-# main
+# benchmark: where the time goes, against this machine's own matrix-product speed
 # ----------------------------------------------------------------------------------------
 
-@dataclass
-class Dataset:
-    root: Path
-    table: list             # rows of meta/esc50.csv, sorted by filename
-    classes: list           # sorted category names; label i is classes[i]
-    labels: torch.Tensor    # (N,)
-    test_idx: np.ndarray    # clips of the test fold (empty when --test-fold 0)
-    splits: list            # k (train_idx, val_idx) pairs
+def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """float32 GFLOP/s of a large matrix product: the practical ceiling for our layers."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool and caches
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def load_dataset(cfg: Config) -> Dataset:
-    """The table, labels and splits; no audio is read here."""
-    root = find_data(cfg.data)
-    table = read_table(root, cfg.subset)
-    classes = sorted({r["category"] for r in table})
-    labels = torch.tensor([classes.index(r["category"]) for r in table])
-    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
-                                   labels.numpy(), cfg.test_fold, cfg.kfold, classes)
-    return Dataset(root, table, classes, labels, test_idx, splits)
+def step_flops(model, wave, labels, n_classes) -> tuple:
+    """(forward FLOPs per clip, training-step FLOPs per clip), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+        model(wave[:1])
+    model.train()
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(model(wave), F.one_hot(labels, n_classes).float()).backward()
+    model.zero_grad(set_to_none=True)
+    return fwd.get_total_flops(), step.get_total_flops() / len(wave)
 
+
+def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int = 10) -> dict:
+    """Speed of one architecture on random clips shaped like the course configuration's folds."""
+    n_samples = round(cfg.sample_rate * cfg.clip_seconds)
+    torch.manual_seed(cfg.seed)
+    waves, labels = torch.randn(n_train + n_val, n_samples) * 0.1, torch.arange(n_train + n_val) % n_classes
+    model = build_model(cfg, n_classes)
+    opt = make_optimizer(cfg, model)
+    fwd_flops, train_flops = step_flops(model, waves[:cfg.batch_size], labels[:cfg.batch_size], n_classes)
+    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100)  # warm-up
+    t0 = time.perf_counter()
+    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate(model, waves[n_train:], labels[n_train:])
+    t_eval = time.perf_counter() - t0
+    epoch = t_train + t_eval
+    return {"arch": cfg.arch, "heads": cfg.heads if cfg.arch == "transformer" else None,
+            "params": count_params(model)["trainable"], "fwd_mflops_per_clip": fwd_flops / 1e6,
+            "train_clips_per_s": n_train / t_train, "eval_clips_per_s": n_val / t_eval, "s_per_epoch": epoch,
+            "train_gflops": train_flops * n_train / t_train / 1e9,
+            "default_command_min": cfg.kfold * cfg.epochs * epoch / 60}
+
+
+def bench(cfg: Config) -> dict:
+    """--bench: one row per architecture, the projected default command and grid, and how close
+    the training step comes to the matrix product's GFLOP/s; written to out/bench.json too."""
+    import resource
+    peak = matmul_gflops()
+    rows = [bench_row(dataclasses.replace(cfg, arch=a, heads=h))
+            for a, h in (("cnn", cfg.heads), ("transformer", 1), ("transformer", 2), ("transformer", 4))]
+    grid_min = 2 * sum(r["default_command_min"] for r in rows)  # each architecture with both splits
+    print(f"{'arch':<14}{'params':>9}{'MFLOP/clip':>11}{'train/s':>9}{'eval/s':>8}{'s/epoch':>9}"
+          f"{'GFLOP/s':>9}{'of peak':>8}{'100 ep x 4':>11}")
+    for r in rows:
+        name = r["arch"] + (f"-h{r['heads']}" if r["heads"] else "")
+        print(f"{name:<14}{r['params']:>9,}{r['fwd_mflops_per_clip']:>11.1f}{r['train_clips_per_s']:>9.0f}"
+              f"{r['eval_clips_per_s']:>8.0f}{r['s_per_epoch']:>9.2f}{r['train_gflops']:>9.1f}"
+              f"{r['train_gflops'] / peak:>8.0%}{r['default_command_min']:>9.1f} m")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"matrix product: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads; run.sh grid projected "
+          f"{grid_min:.0f} min; peak resident memory {rss:.0f} MiB")
+    result = {"rows": rows, "matmul_gflops": peak, "grid_min": grid_min, "peak_rss_mib": rss,
+              "threads": torch.get_num_threads(), "versions": versions()}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.out) / "bench.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------
 
 def fold_result(cfg, run_dir, waves, ds: Dataset, fold, tracker, progress) -> dict:
     """The chosen model's probabilities on its validation fold and the test fold; a finished
@@ -1238,6 +1420,9 @@ def run(cfg: Config) -> dict:
               "params": count_params(build_model(cfg, len(ds.classes)))}
     run_dir = Path(cfg.out) / run_name(cfg)
     with run_lock(run_dir):
+        if cfg.tune:
+            prepare_run_dir(cfg, run_dir, config)
+            return tune(cfg, ds, load_clips(ds.root, ds.table, cfg), run_dir)
         return run_locked(cfg, run_dir, config, ds)
 
 
@@ -1270,7 +1455,15 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        write_report(Path(cfg.report)) if cfg.report else run(cfg)
+        if cfg.report:
+            write_report(Path(cfg.report))
+        elif cfg.bench:
+            check_config(cfg)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            bench(cfg)
+        else:
+            run(cfg)
     except UserError as e:
         if cfg.debug:
             raise

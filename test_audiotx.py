@@ -497,14 +497,14 @@ def test_24_bit_pcm_is_read(tmp_path):
 def test_odd_clips_are_fixed_and_counted_and_silence_trains(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    root = write_dataset(tmp_path / "data", odd=True)  # 15 of 30 clips at 16 kHz, stereo, 0.7 s
+    root = write_dataset(tmp_path / "data", odd=True, clips_per_fold=3)  # 15 of 45 clips at 16 kHz, stereo, 0.7 s
     for p in sorted((root / "audio").glob("*.wav"))[1::3]:
         scipy.io.wavfile.write(p, 8000, np.zeros(8000, dtype=np.int16))  # silent clips
     code, out, err = cli(["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000",
                           "--clip-seconds", "1", "--epochs", "2", "--dim", "16", "--batch-size", "8"], capsys)
     assert code == 0, err
-    assert "of 30 clips had a sample rate other than 8000 Hz" in out
-    assert "of 30 clips had a length other than 1 s" in out and "of 30 clips had more than one channel" in out
+    assert "15 of 45 clips had a sample rate other than 8000 Hz" in out
+    assert "15 of 45 clips had a length other than 1 s" in out and "15 of 45 clips had more than one channel" in out
     for hist in (tmp_path / "runs").rglob("history.csv"):
         rows = list(csv.DictReader(open(hist)))
         assert all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "val_loss"))
@@ -648,3 +648,52 @@ def test_paired_comparison_matches_scipy():
     assert p == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
     ci = scipy.stats.t.interval(0.95, 3, loc=d.mean(), scale=scipy.stats.sem(d))
     assert (lo, hi) == pytest.approx(ci)
+
+
+def test_tuning_never_reads_the_test_fold(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = write_dataset(tmp_path / "data", folds=5, clips_per_fold=1)
+    args = ["--data", str(root), "--arch", "transformer", "--tune", "3", "--epochs", "4", "--kfold", "4",
+            "--sample-rate", "8000", "--clip-seconds", "1", "--batch-size", "4"]
+    assert cli(args + ["--out", str(tmp_path / "a")], capsys)[0] == 0
+    rng = np.random.default_rng(7)
+    for wav in (root / "audio").glob("1-*.wav"):  # the test fold becomes noise
+        scipy.io.wavfile.write(wav, 8000, (rng.standard_normal(8000) * 3000).astype(np.int16))
+    assert cli(args + ["--out", str(tmp_path / "b")], capsys)[0] == 0
+    a, b = (read_rows(tmp_path / d / "tune-transformer" / "trials.csv") for d in ("a", "b"))
+    assert [r["score"] for r in a] == [r["score"] for r in b] and len(a) == 3 + 1 + 1
+    best = json.loads((tmp_path / "a" / "tune-transformer" / "best.json").read_text())
+    assert set(best["hparams"]) >= {"lr", "weight_decay", "dropout", "dim", "depth", "mixup"}
+    assert float(best["score"]) == max(float(r["score"]) for r in a if r["rung"] == "2")
+    cfg = audiotx.parse_args(["--hparams", str(tmp_path / "a" / "tune-transformer" / "best.json"), "--dim", "32"])
+    assert cfg.lr == best["hparams"]["lr"] and cfg.dim == 32  # the file sets defaults; flags still win
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- benchmark ----
+
+def test_flop_count_matches_the_layers_worked_by_hand():
+    model = audiotx.CNNClassifier(dim=16, n_classes=3, dropout=0.0)
+    wave, labels = torch.randn(2, 8192), torch.tensor([0, 1])
+    fwd, train = audiotx.step_flops(model, wave, labels, 3)
+    # conv: 2 * frames * out * in * kernel; 8192 samples -> 512 frames -> pools of 4, 4, 4, 2
+    convs = 2 * (512 * 4 * 1 * 64 + 128 * 8 * 4 * 3 + 32 * 16 * 8 * 3 + 8 * 16 * 16 * 3)
+    head = 2 * (32 * 16 + 16 * 3)  # Linear(2 * dim, dim), Linear(dim, classes)
+    assert fwd == convs + head
+    assert 2 * fwd < train < 4 * fwd  # backward costs about twice the forward
+
+
+def test_bench_writes_a_row_per_architecture(tmp_path, capsys):
+    code, out, err = cli(["--bench", "--epochs", "1", "--dim", "16", "--sample-rate", "8000", "--clip-seconds", "1",
+                          "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["arch"], r["heads"]) for r in bench["rows"]] == [("cnn", None), ("transformer", 1),
+                                                                ("transformer", 2), ("transformer", 4)]
+    assert all(r["train_clips_per_s"] > 0 and r["fwd_mflops_per_clip"] > 0 for r in bench["rows"])
+    assert bench["matmul_gflops"] > 0 and "matrix product" in out
