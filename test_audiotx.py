@@ -697,3 +697,18 @@ def test_bench_writes_a_row_per_architecture(tmp_path, capsys):
                                                                 ("transformer", 2), ("transformer", 4)]
     assert all(r["train_clips_per_s"] > 0 and r["fwd_mflops_per_clip"] > 0 for r in bench["rows"])
     assert bench["matmul_gflops"] > 0 and "matrix product" in out
+
+
+def test_a_wandb_failure_is_one_warning_and_training_goes_on(quick, capsys, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable\nsecond line of detail")
+    monkeypatch.setattr(wandb, "init", refuse)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root, args = quick
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    warnings_ = [l for l in out.splitlines() if l.startswith("warning: W&B")]
+    assert warnings_ == ["warning: W&B turned off after an error: ConnectionError: api.wandb.ai unreachable"]
+    assert (Path(args[3]) / "transformer-h2-test1-k2" / "metrics.json").is_file()
