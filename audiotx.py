@@ -103,7 +103,7 @@ class Config:
 
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report",
-                    "hparams", "bench"}  # hparams: its settings are in the other fields
+                    "hparams", "bench", "tune"}  # hparams: its settings are in the other fields
 CHOICES = {"arch": ["cnn", "transformer"], "subset": ["esc10", "esc50"],
            "schedule": ["onecycle", "cosine", "constant"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -680,13 +680,14 @@ def load_checked(path: Path):
         raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
 
 
-def load_state(path: Path, fingerprint: str):
+def load_state(path: Path, cfg: Config):
     """The saved fold state, or None when absent; damaged or foreign state is reported, not used."""
     if not path.is_file():
         return None
     state = load_checked(path)
-    if state.get("fingerprint") != fingerprint:
-        raise UserError(f"{path}: saved by a different configuration; rerun with --restart")
+    changed = differences(state.get("settings", {}), cfg)
+    if changed:
+        raise UserError(f"{path}: saved with other settings ({changed}); rerun with --restart")
     return state
 
 
@@ -697,15 +698,15 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     model = build_model(cfg, n_classes)
     opt = make_optimizer(cfg, model)
     steps = batches(len(train_idx), cfg.batch_size)
-    state_path, fingerprint = fold_dir / "state.pt", config_fingerprint(cfg)
-    state = load_state(state_path, fingerprint)
+    state_path = fold_dir / "state.pt"
+    state = load_state(state_path, cfg)
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["rng"])
         print(f"fold {fold}: resuming after epoch {state['epoch']}")
     else:
-        state = {"epoch": 0, "history": [], "best": None, "fingerprint": fingerprint}
+        state = {"epoch": 0, "history": [], "best": None, "settings": result_settings(cfg)}
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
@@ -733,10 +734,17 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     return model, state["best"]["epoch"], state["history"]
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """Hash of the settings that change results; a resumed fold must match it."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def result_settings(cfg: Config) -> dict:
+    """The settings that change what a run computes; a resumed run must match them."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
+
+
+def differences(saved: dict, cfg: Config) -> str:
+    """Settings in which cfg differs from a saved run's, as flags ('' when none). A setting the
+    saved run predates counts as its default, so adding a field to Config keeps old runs valid."""
+    defaults = dataclasses.asdict(Config())
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {v!r}"
+                     for k, v in result_settings(cfg).items() if saved.get(k, defaults[k]) != v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -983,13 +991,14 @@ def prepare_run_dir(cfg: Config, run_dir: Path, config: dict):
                 p.unlink()
     elif old.is_file():
         try:
-            saved = json.loads(old.read_text()).get("fingerprint")
+            changed = differences(json.loads(old.read_text()), cfg)
         except ValueError:
-            saved = None
-        if saved != config["fingerprint"]:
-            raise UserError(f"{run_dir}: holds a run with a different configuration; "
+            changed = "its config.json is damaged"
+        if changed:
+            raise UserError(f"{run_dir}: holds a run with a different configuration ({changed}); "
                             "pass --name to keep both, or --restart to replace it")
-    write_json(old, config)
+    if not old.is_file():  # a resumed run keeps the record of how it started (threads, W&B mode, ...)
+        write_json(old, config)
 
 
 def versions() -> dict:
@@ -1167,8 +1176,23 @@ def analysis(runs) -> list:
             noise = " (within noise)" if dv[1] <= 0 <= dv[2] and r is not best else ""
             lines.append(f"| `{r['name']}`{' (itself)' if r is best else ''} | {dv[0]:+.3f}{noise} | "
                          f"[{dv[1]:+.3f}, {dv[2]:+.3f}] | {dv[3]:.2f} | {test_cells} | {per:.3f} |")
-        lines += [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
+        lines += [""] + verdict(best, group) + [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
     return lines
+
+
+def verdict(best, group) -> list:
+    """The comparison in one sentence: is the best configuration's lead beyond noise?"""
+    others = [r for r in group if r is not best]
+    if not others:
+        return []
+    beyond = [r["name"] for r in others if paired(headline(best)["val_folds"], headline(r)["val_folds"])[1] > 0]
+    params = {r["name"]: r["metrics"]["params"]["trainable"] for r in group}
+    smallest = min(params, key=params.get)
+    lead = (f"its lead is beyond noise over {', '.join(f'`{n}`' for n in beyond)} and within noise over the rest"
+            if beyond else "but every difference from it is within noise on these folds")
+    return [f"**Verdict.** `{best['name']}` has the highest validation accuracy, {lead}. The smallest model, "
+            f"`{smallest}` ({params[smallest]:,} parameters, {max(params.values()) / params[smallest]:.1f}x fewer "
+            f"than the largest), is the better buy where accuracies are tied."]
 
 
 def class_comparison(group) -> list:
@@ -1416,7 +1440,7 @@ def run(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     ds = load_dataset(cfg)
     config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(ds.root), "classes": ds.classes,
-              "n_clips": len(ds.table), "fingerprint": config_fingerprint(cfg), "versions": versions(),
+              "n_clips": len(ds.table), "versions": versions(),
               "params": count_params(build_model(cfg, len(ds.classes)))}
     run_dir = Path(cfg.out) / run_name(cfg)
     with run_lock(run_dir):

@@ -25,11 +25,15 @@ failed=0
 for i in "${!configs[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done  # a free slot (JOBS > 1)
   echo "== configuration $((i + 1))/${#configs[@]}: ${configs[$i]} --kfold 4 ($(( (SECONDS - start) / 60 )) min so far)"
+  arch=$(set -- ${configs[$i]}; echo "$2")
+  tuned=()  # the best settings of this architecture's tuning, when one has run (python audiotx.py --tune N)
+  if [ -f "$OUT/tune-$arch/best.json" ]; then tuned=(--hparams "$OUT/tune-$arch/best.json"); fi
   # shellcheck disable=SC2086  # a configuration is a list of words on purpose
   if [ "$JOBS" -gt 1 ]; then
-    $PY audiotx.py ${configs[$i]} --kfold 4 --out "$OUT" "${threads[@]}" "$@" > "$OUT/logs/$((i + 1)).log" 2>&1 &
+    $PY audiotx.py ${configs[$i]} --kfold 4 --out "$OUT" "${tuned[@]}" "${threads[@]}" "$@" \
+      > "$OUT/logs/$((i + 1)).log" 2>&1 &
   else
-    $PY audiotx.py ${configs[$i]} --kfold 4 --out "$OUT" "$@" || failed=1
+    $PY audiotx.py ${configs[$i]} --kfold 4 --out "$OUT" "${tuned[@]}" "$@" || failed=1
   fi
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
