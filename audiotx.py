@@ -851,6 +851,7 @@ class Tracker:
         self.run, self.wandb = None, None
         if self.mode == "disabled":
             return
+        os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say where the files are
         os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / "data"))
         if self.mode == "offline":  # nothing in the home folder; online runs need the user's login there
@@ -1473,6 +1474,8 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
                     "test" if metrics["test"] else "val")
     tracker.finish()
     print_summary(metrics)
+    if tracker.mode == "offline":
+        print(f"W&B offline runs: {run_dir / 'wandb'} (upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
     return metrics
 
 
