@@ -198,7 +198,7 @@ def load_wav(path):
 
 def to_mono_float(path, data):
     """Integer or float samples (S,) or (S, channels) -> float32 (S,) in [-1, 1]."""
-    scale = {np.dtype(np.uint8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0 ** 31}
+    scale = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0 ** 31}
     if data.dtype == np.uint8:
         wave = (data.astype(np.float64) - 128.0) / 128.0
     elif data.dtype in scale:  # 24-bit files arrive as left-justified int32, so 2**31 fits them too
@@ -626,7 +626,7 @@ def make_optimizer(cfg: Config, model: nn.Module):
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def batches(n: int, batch_size: int):
+def n_batches(n: int, batch_size: int) -> int:
     """Near-equal batch sizes (240 clips at 32 -> 8 x 30), so no tiny last batch upsets BatchNorm."""
     return max(1, math.ceil(n / batch_size))
 
@@ -636,7 +636,7 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total):
     model.train()
     perm = torch.from_numpy(idx)[torch.randperm(len(idx))]
     loss_sum = correct = 0.0
-    for chunk in perm.tensor_split(batches(len(idx), cfg.batch_size)):
+    for chunk in perm.tensor_split(n_batches(len(idx), cfg.batch_size)):
         wave, target = augment(waves[chunk], labels[chunk], n_classes, cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, total)
@@ -697,7 +697,7 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     torch.manual_seed(cfg.seed + fold)
     model = build_model(cfg, n_classes)
     opt = make_optimizer(cfg, model)
-    steps = batches(len(train_idx), cfg.batch_size)
+    steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
     state = load_state(state_path, cfg)
     if state:
