@@ -764,14 +764,17 @@ SPACE = {  # what --tune samples; depth only for the transformer
 
 
 def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
-    """--tune N: N random settings; a third survive each rung (epochs/4 on 2 folds, epochs/2
-    on all folds, then all epochs on all folds). A trial's score is its mean over folds of the
-    validation accuracy of its last 10% of epochs. Only ds.splits are used: the test fold is
-    never read. Writes out/trials.csv (every trial at every rung) and out/best.json."""
+    """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
+    (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds). A trial's score
+    is its mean over folds of the validation accuracy of its last 10% of epochs. Only ds.splits
+    are used: the test fold is never read. Writes out/trials.csv (every trial at every rung) and
+    out/best.json; a rerun reuses the scores in trials.csv whose settings still match."""
     rng = np.random.default_rng(cfg.seed)
     names = [n for n in SPACE if n != "depth" or cfg.arch == "transformer"]
-    trials = [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune)]
-    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")} \
+    # Trial 0 is the recipe as given, so the search returns it unless another setting beats it.
+    trials = [{n: getattr(cfg, n) for n in names}] + [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
+    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")
+            if all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
         if (out / "trials.csv").is_file() else {}
     rows, alive = [], list(range(len(trials)))
     for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),

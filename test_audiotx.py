@@ -666,6 +666,7 @@ def test_tuning_never_reads_the_test_fold(tmp_path, monkeypatch, capsys):
     best = json.loads((tmp_path / "a" / "tune-transformer" / "best.json").read_text())
     assert set(best["hparams"]) >= {"lr", "weight_decay", "dropout", "dim", "depth", "mixup"}
     assert float(best["score"]) == max(float(r["score"]) for r in a if r["rung"] == "2")
+    assert float(a[0]["lr"]) == audiotx.Config().lr and a[0]["trial"] == "0"  # trial 0 is the default recipe
     cfg = audiotx.parse_args(["--hparams", str(tmp_path / "a" / "tune-transformer" / "best.json"), "--dim", "32"])
     assert cfg.lr == best["hparams"]["lr"] and cfg.dim == 32  # the file sets defaults; flags still win
 
