@@ -1397,6 +1397,14 @@ def fold_result(cfg, run_dir, waves, ds: Dataset, fold, tracker, progress) -> di
     return res
 
 
+def pooled(results, labels, splits, test_idx, split: str):
+    """Every fold model's predictions on `split` ("val": each its own fold; "test": the test
+    fold), stacked: (labels (N,), probs (N, K) float64)."""
+    if split == "test":
+        return labels[test_idx].repeat(len(results)), torch.cat([r["test"] for r in results]).double()
+    return labels[np.concatenate([v for _, v in splits])], torch.cat([r["val"] for r in results]).double()
+
+
 def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
     """Pooled out-of-fold validation, the fold models on the test fold, and their ensemble."""
     folds = []
@@ -1406,35 +1414,29 @@ def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
         if res["test"] is not None:
             fm["test"] = summarize(labels[test_idx], res["test"], classes)
         folds.append(fm)
-    val_idx = np.concatenate([v for _, v in splits])
-    metrics = {"val": summarize(labels[val_idx], torch.cat([r["val"] for r in results]), classes),
+    metrics = {"val": summarize(*pooled(results, labels, splits, test_idx, "val"), classes),
                "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
     if len(test_idx):
         accs = [fm["test"]["accuracy"] for fm in folds]
-        probs = torch.stack([r["test"] for r in results]).double()  # (k, N_test, K)
-        metrics.update(test=summarize(labels[test_idx].repeat(len(results)), probs.flatten(0, 1), classes),
+        ensemble = torch.stack([r["test"] for r in results]).double().mean(0)  # (k, N_test, K) -> (N_test, K)
+        metrics.update(test=summarize(*pooled(results, labels, splits, test_idx, "test"), classes),
                        test_mean=float(np.mean(accs)), test_std=float(np.std(accs)),
-                       ensemble_test=summarize(labels[test_idx], probs.mean(0), classes))
+                       ensemble_test=summarize(labels[test_idx], ensemble, classes))
     return metrics
 
 
 def write_results(run_dir, results, labels, splits, test_idx, filenames, classes):
     """predictions.csv for every validation and test prediction; roc.csv for the test set
     (the pooled validation predictions when there is none)."""
-    rows, test_sets = [], []
+    rows = []
     for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
         rows += prediction_rows(fold, "val", [filenames[i] for i in val_idx], labels[val_idx], res["val"])
         if res["test"] is not None:
             rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
     write_predictions(run_dir, rows, classes)
-    if len(test_idx):
-        roc_labels = labels[test_idx].repeat(len(results))
-        roc_probs = torch.cat([r["test"] for r in results])
-    else:
-        roc_labels = labels[np.concatenate([v for _, v in splits])]
-        roc_probs = torch.cat([r["val"] for r in results])
-    write_roc(run_dir, roc_labels.numpy(), roc_probs.double().numpy(), classes)
-    return roc_labels.numpy(), roc_probs.double().numpy()
+    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val")
+    write_roc(run_dir, roc_labels.numpy(), roc_probs.numpy(), classes)
+    return roc_labels.numpy(), roc_probs.numpy()
 
 
 def run(cfg: Config) -> dict:
