@@ -774,7 +774,7 @@ def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
     # Trial 0 is the recipe as given, so the search returns it unless another setting beats it.
     trials = [{n: getattr(cfg, n) for n in names}] + [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
     done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")
-            if all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
+            if int(r["trial"]) < len(trials) and all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
         if (out / "trials.csv").is_file() else {}
     rows, alive = [], list(range(len(trials)))
     for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),

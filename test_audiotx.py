@@ -667,6 +667,10 @@ def test_tuning_never_reads_the_test_fold(tmp_path, monkeypatch, capsys):
     assert set(best["hparams"]) >= {"lr", "weight_decay", "dropout", "dim", "depth", "mixup"}
     assert float(best["score"]) == max(float(r["score"]) for r in a if r["rung"] == "2")
     assert float(a[0]["lr"]) == audiotx.Config().lr and a[0]["trial"] == "0"  # trial 0 is the default recipe
+    code, out, err = cli(args[:5] + ["2"] + args[6:] + ["--out", str(tmp_path / "a")], capsys)  # fewer trials
+    assert code == 0, err
+    again = read_rows(tmp_path / "a" / "tune-transformer" / "trials.csv")
+    assert [r["score"] for r in again if r["rung"] == "0"] == [r["score"] for r in a if r["rung"] == "0"][:2]
     cfg = audiotx.parse_args(["--hparams", str(tmp_path / "a" / "tune-transformer" / "best.json"), "--dim", "32"])
     assert cfg.lr == best["hparams"]["lr"] and cfg.dim == 32  # the file sets defaults; flags still win
 
