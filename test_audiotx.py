@@ -195,6 +195,68 @@ def test_param_counts_split_trainable_frozen_and_buffers():
     assert counts["buffers"] == sum(2 * c + 1 for c in (4, 8, 16, 16))  # BN mean, var, count per layer
 
 
+def test_mel_filterbank_and_log_mel_find_a_tone():
+    fb = audiotx.mel_filterbank(16000, 1024, 64)  # (513, 64)
+    freqs = np.linspace(0, 8000, 513)
+    mel = 2595 * np.log10(1 + freqs / 700)
+    centres = freqs[fb.argmax(0).numpy()]
+    assert fb.shape == (513, 64) and fb.min() >= 0 and fb.max() <= 1
+    assert (np.diff(centres) >= 0).all()  # filters in rising order
+    spacing = np.diff(2595 * np.log10(1 + centres[8:] / 700))  # evenly spaced in mel, away from the coarse bottom
+    assert spacing.std() < 0.25 * spacing.mean() and mel[-1] / 64 * 0.7 < spacing.mean() < mel[-1] / 64 * 1.3
+    torch.manual_seed(0)
+    logmel = audiotx.LogMel(sample_rate=16000).eval()
+    t = torch.arange(16000) / 16000
+    out = logmel(torch.stack([torch.sin(2 * math.pi * 1000 * t), torch.sin(2 * math.pi * 3000 * t)]))
+    assert out.shape == (2, 64, 16000 // 256 + 1)
+    for row, f in zip(out, (1000, 3000)):  # the loudest band is the one whose filter peaks nearest the tone
+        assert abs(int(row.mean(1).argmax()) - int(np.abs(centres - f).argmin())) <= 1
+
+
+def burst_clip(generator, freq, start, n_samples=32000, rate=16000, length=4000):
+    """Noise with a 0.25 s tone burst at sample `start`."""
+    wave = 0.05 * torch.randn(n_samples, generator=generator)
+    wave[start:start + length] += 0.5 * torch.sin(2 * math.pi * freq * torch.arange(length) / rate)
+    return wave
+
+
+def test_grad_cam_peaks_where_the_class_evidence_is():
+    # A small cnn learns "a 1 kHz burst" against "a 3 kHz burst", each anywhere in 2 s of noise;
+    # on a clip with the 1 kHz burst at 1.0-1.25 s, Grad-CAM for that class must peak there.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    waves = torch.stack([burst_clip(g, 1000 if y else 3000, int(torch.randint(0, 28000, (1,), generator=g)))
+                         for y in labels])
+    torch.manual_seed(0)
+    model = audiotx.CNNClassifier(dim=32, n_classes=2, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(60):
+        loss = F.cross_entropy(model(waves), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2  # it learned the task, so the check below is about localisation
+    cam = audiotx.grad_cam(model, burst_clip(g, 1000, 16000), target=1)
+    frame = 2.0 / len(cam)  # seconds per front-end frame
+    peak = (cam.argmax().item() + 0.5) * frame
+    assert cam.max() == 1 and cam.min() >= 0
+    assert 1.0 - frame <= peak <= 1.25 + frame, (peak, cam)
+
+
+def test_cls_attention_per_head_and_rollout():
+    torch.manual_seed(0)
+    model = audiotx.AudioTransformer(dim=16, heads=4, depth=3, n_classes=3, n_samples=16384, dropout=0.0)
+    per_head, rollout = audiotx.cls_attention(model, torch.randn(16384))
+    T = model.front.out_len(16384)
+    assert per_head.shape == (3, 4, T) and rollout.shape == (T,)
+    assert (per_head.sum(-1) <= 1 + 1e-6).all() and (per_head >= 0).all()
+    # by hand: each block's head-mean attention, half residual, multiplied from the first block up
+    atts = [b.attn.att[0].mean(0) for b in model.blocks]
+    eye = torch.eye(T + 1)
+    manual = (0.5 * atts[2] + 0.5 * eye) @ (0.5 * atts[1] + 0.5 * eye) @ (0.5 * atts[0] + 0.5 * eye)
+    assert torch.allclose(rollout, manual[0, 1:], atol=1e-6)
+
+
 # ---- metrics ----
 
 def test_metrics_on_a_hand_worked_case():
@@ -328,6 +390,27 @@ def test_augment_keeps_shapes_and_mixes_targets():
     torch.testing.assert_close(target.sum(1), torch.ones(6))
     silent, _ = audiotx.augment(torch.zeros(4, 100), torch.zeros(4, dtype=torch.long), 3, cfg)
     assert torch.isfinite(silent).all() and silent.abs().max() == 0
+    # shift alone: each row is its clip rotated by some amount, and the amounts differ
+    wave = torch.arange(6 * 100.0).view(6, 100)
+    shifted, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0))
+    amounts = [int(row[0] - start) % 100 for row, start in zip(shifted, wave[:, 0])]
+    for row, clip, k in zip(shifted, wave, amounts):
+        assert torch.equal(row, clip.roll(-k))
+    assert len(set(amounts)) > 1
+
+
+def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    drop, x = audiotx.Dropout(0.25), torch.ones(200_000)
+    y = drop(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01) and y.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert torch.equal(drop.eval()(x), x) and torch.equal(audiotx.Dropout(0.0)(x), x)
+
+
+def test_suggested_lr_is_a_tenth_of_the_smoothed_minimum():
+    rows = [{"lr": lr, "smoothed": s} for lr, s in [(1e-4, 2.3), (1e-3, 2.0), (1e-2, 1.2), (1e-1, 1.5), (1, 9.0)]]
+    assert audiotx.suggest_lr(rows) == pytest.approx(1e-3)
 
 
 # ---- end to end ----
@@ -625,10 +708,14 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
     assert "== configuration 8/8" in res.stdout
     report = (tmp_path / "runs" / "REPORT.md").read_text()
     for section in ("## Every configuration", "## Analysis", "Per-class F1", "Heads, by validation accuracy",
-                    "## Curves, ROC and confusion matrices", "test fold 1, k=4: best is", "no test fold, k=4: best is"):
+                    "## Curves, ROC and confusion matrices", "test fold 1, k=4: best is", "no test fold, k=4: best is",
+                    "## Misclassified clips", "Most confused", "## What the models attend to"):
         assert section in report
     figures = list((tmp_path / "runs" / "figures").glob("*.svg"))
-    assert len(figures) == 8 * 4
+    kinds = [svg.name.split("-")[0] for svg in figures]
+    assert len(figures) - kinds.count("gradcam") - kinds.count("attention") == 8 * 4  # curves, ROC, confusion
+    # one Grad-CAM per test clip of fold model 1 (a class has one clip here), two clips' attention per transformer
+    assert kinds.count("gradcam") == 3 and kinds.count("attention") == 3 * 2
     for svg in figures:
         assert ET.parse(svg).getroot().tag.endswith("svg")
         assert f"figures/{svg.name}" in report
@@ -682,11 +769,31 @@ def read_rows(path):
 
 # ---- benchmark ----
 
+def test_lr_find_writes_the_curve_and_lr_auto_uses_its_suggestion(quick, capsys):
+    import xml.etree.ElementTree as ET
+    _, args = quick
+    code, out, err = cli(args + ["--lr-find", "--name", "probe"], capsys)
+    assert code == 0, err
+    run_dir = Path(args[3]) / "probe"
+    rows = list(csv.DictReader(open(run_dir / "lr_find.csv")))
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(rows) >= 10 and lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-6)
+    suggested = audiotx.suggest_lr([{k: float(v) for k, v in r.items()} for r in rows])
+    assert f"suggested peak learning rate {suggested:.3g}" in out
+    assert ET.parse(run_dir / "lr_find.svg").getroot().tag.endswith("svg")
+    assert not (run_dir / "metrics.json").exists()  # --lr-find trains nothing further
+    code, out, err = cli(args + ["--lr", "auto", "--name", "probe"], capsys)  # reuses the folder's lr_find.csv
+    assert code == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == pytest.approx(suggested)
+    assert (run_dir / "metrics.json").is_file()
+    assert_one_line_error(*cli(args + ["--lr", "fast"], capsys)[::2], "--lr")
+
+
 def test_flop_count_matches_the_layers_worked_by_hand():
     model = audiotx.CNNClassifier(dim=16, n_classes=3, dropout=0.0)
     wave, labels = torch.randn(2, 8192), torch.tensor([0, 1])
     fwd, train = audiotx.step_flops(model, wave, labels, 3)
-    # conv: 2 * frames * out * in * kernel; 8192 samples -> 512 frames -> pools of 4, 4, 4, 2
+    # conv: 2 * frames * out * in * kernel; 8192 samples -> 512 frames (stride 16) -> pools of 4, 4, 4, 2
     convs = 2 * (512 * 4 * 1 * 64 + 128 * 8 * 4 * 3 + 32 * 16 * 8 * 3 + 8 * 16 * 16 * 3)
     head = 2 * (32 * 16 + 16 * 3)  # Linear(2 * dim, dim), Linear(dim, classes)
     assert fwd == convs + head
