@@ -918,8 +918,9 @@ SPACE = {  # what --tune samples; depth only for the transformer
 
 def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
     """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
-    (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds). A trial's score
-    is its mean over folds of the validation accuracy of its last 10% of epochs. Only ds.splits
+    (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds), and the search
+    stops when one is left (training it again would only re-score it). A trial's score is its
+    mean over folds of the validation accuracy of its last 10% of epochs. Only ds.splits
     are used: the test fold is never read. Writes out/trials.csv (every trial at every rung) and
     out/best.json; a rerun reuses the scores in trials.csv whose settings still match."""
     rng = np.random.default_rng(cfg.seed)
@@ -944,6 +945,8 @@ def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
             print(f"tune {cfg.arch}: rung {rung} trial {t} ({epochs} epochs, {n_folds} folds) "
                   f"score {scores[t]:.4f} {trials[t]}", flush=True)
         alive = sorted(alive, key=lambda t: -scores[t])[:max(1, math.ceil(len(alive) / 3))]
+        if len(alive) == 1:
+            break
     best = {"arch": cfg.arch, "score": scores[alive[0]], "trial": alive[0], "hparams": trials[alive[0]]}
     write_json(out / "best.json", best)
     print(f"tune {cfg.arch}: best trial {alive[0]}, score {best['score']:.4f}: {best['hparams']}")

@@ -353,6 +353,25 @@ def cached(tmp_path, monkeypatch):
     return root, table, cfg, audiotx.load_clips(root, table, cfg), audiotx.cache_path(root, table, cfg)
 
 
+def test_esc50_layout_gives_esc10_by_default_and_50_classes_with_subset_esc50(tmp_path):
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "meta").mkdir()
+    esc10 = set(audiotx.ESC10)
+    rows = []
+    for fold in range(1, 6):
+        for target in range(50):
+            name = f"{fold}-{100 + target}{fold}-A-{target}.wav"
+            scipy.io.wavfile.write(tmp_path / "audio" / name, 8000, np.zeros(80, dtype=np.int16))
+            rows.append([name, fold, target, f"class{target:02d}", str(target in esc10), f"{100 + target}{fold}", "A"])
+    with open(tmp_path / "meta" / "esc50.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["filename", "fold", "target", "category", "esc10", "src_file", "take"]] + rows)
+    ten = audiotx.load_dataset(audiotx.Config(data=str(tmp_path)))
+    fifty = audiotx.load_dataset(audiotx.Config(data=str(tmp_path), subset="esc50"))
+    assert ten.classes == sorted(f"class{t:02d}" for t in esc10) and len(ten.table) == 50
+    assert len(fifty.classes) == 50 and len(fifty.table) == 250 and int(fifty.labels.max()) == 49
+    assert len(fifty.test_idx) == 50 and all(fifty.table[i]["fold"] == 1 for i in fifty.test_idx)
+
+
 def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     root, table, cfg, first, path = cached
     assert path.is_file() and first.shape == (6, 8000)
@@ -741,7 +760,7 @@ def test_tuning_never_reads_the_test_fold(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     root = write_dataset(tmp_path / "data", folds=5, clips_per_fold=1)
-    args = ["--data", str(root), "--arch", "transformer", "--tune", "3", "--epochs", "4", "--kfold", "4",
+    args = ["--data", str(root), "--arch", "transformer", "--tune", "4", "--epochs", "4", "--kfold", "4",
             "--sample-rate", "8000", "--clip-seconds", "1", "--batch-size", "4"]
     assert cli(args + ["--out", str(tmp_path / "a")], capsys)[0] == 0
     rng = np.random.default_rng(7)
@@ -749,17 +768,18 @@ def test_tuning_never_reads_the_test_fold(tmp_path, monkeypatch, capsys):
         scipy.io.wavfile.write(wav, 8000, (rng.standard_normal(8000) * 3000).astype(np.int16))
     assert cli(args + ["--out", str(tmp_path / "b")], capsys)[0] == 0
     a, b = (read_rows(tmp_path / d / "tune-transformer" / "trials.csv") for d in ("a", "b"))
-    assert [r["score"] for r in a] == [r["score"] for r in b] and len(a) == 3 + 1 + 1
+    assert [r["score"] for r in a] == [r["score"] for r in b] and len(a) == 4 + 2  # 4 trials, then the best 2
     best = json.loads((tmp_path / "a" / "tune-transformer" / "best.json").read_text())
     assert set(best["hparams"]) >= {"lr", "weight_decay", "dropout", "dim", "depth", "mixup"}
-    assert float(best["score"]) == max(float(r["score"]) for r in a if r["rung"] == "2")
+    assert float(best["score"]) == max(float(r["score"]) for r in a if r["rung"] == "1")  # one left: stop
     assert float(a[0]["lr"]) == audiotx.Config().lr and a[0]["trial"] == "0"  # trial 0 is the default recipe
     code, out, err = cli(args[:5] + ["2"] + args[6:] + ["--out", str(tmp_path / "a")], capsys)  # fewer trials
     assert code == 0, err
     again = read_rows(tmp_path / "a" / "tune-transformer" / "trials.csv")
     assert [r["score"] for r in again if r["rung"] == "0"] == [r["score"] for r in a if r["rung"] == "0"][:2]
-    cfg = audiotx.parse_args(["--hparams", str(tmp_path / "a" / "tune-transformer" / "best.json"), "--dim", "32"])
-    assert cfg.lr == best["hparams"]["lr"] and cfg.dim == 32  # the file sets defaults; flags still win
+    (tmp_path / "best.json").write_text(json.dumps({**best, "hparams": {"lr": 0.00123, "dim": 64, "dropout": 0.3}}))
+    cfg = audiotx.parse_args(["--hparams", str(tmp_path / "best.json"), "--dim", "32"])
+    assert (cfg.lr, cfg.dropout, cfg.dim) == (0.00123, 0.3, 32)  # the file sets defaults; flags still win
 
 
 def read_rows(path):
