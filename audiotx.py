@@ -177,6 +177,8 @@ def check_config(cfg: Config):
         raise UserError("--tune needs a held-out --test-fold (the best set is later tested on it) and N >= 0")
     if cfg.kfold < 2:
         raise UserError(f"--kfold must be at least 2, got {cfg.kfold}")
+    if cfg.bench and cfg.lr == "auto":
+        raise UserError("--lr auto needs the training clips; --bench times random ones (give --lr a number)")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
 

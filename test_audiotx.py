@@ -625,6 +625,8 @@ def test_a_class_missing_from_a_training_fold_is_refused(quick, capsys):
     (["--heads", "3"], "--heads 3"), (["--kfold", "1"], "--kfold"), (["--kfold", "50"], "--kfold 50"),
     (["--test-fold", "9"], "--test-fold 9"), (["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
     (["--dim", "0"], "--dim"), (["--arch", "rnn"], "--arch"), (["--depth", "1"], "--depth"),
+    (["--features", "mfcc"], "--features"), (["--precision", "fp16"], "--precision"), (["--lr", "-1"], "--lr"),
+    (["--bench", "--lr", "auto"], "--lr auto"),
 ])
 def test_impossible_flags_are_refused(quick, capsys, flags, culprit):
     _, args = quick
