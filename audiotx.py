@@ -1751,13 +1751,21 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         waves = load_clips(ds.root, ds.table, cfg)
         rows, _ = lr_range_test(dataclasses.replace(cfg, lr=1.0), waves, ds.labels, ds.splits[0][0], len(ds.classes))
         write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
-        write_text(run_dir / "lr_find.svg", svg_lines(
-            [(name, [math.log10(r["lr"]) for r in rows], [r[name] for r in rows], None) for name in ("loss", "smoothed")],
-            title=f"{run_dir.name}: LR range test", xlabel="log10 learning rate", ylabel="training loss"))
+        write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
     print(f"LR range test ({path}, {len(rows)} steps): suggested peak learning rate {lr:.3g} "
           "(a tenth of the learning rate at the smoothed loss's minimum)")
     return lr
+
+
+def lr_find_svg(rows, name: str) -> str:
+    """Loss against log10 learning rate, capped at 1.5x the starting loss so the final blow-up
+    does not flatten the part that matters."""
+    cap = 1.5 * rows[0]["smoothed"]
+    return svg_lines([(key, [math.log10(r["lr"]) for r in rows], [min(r[key], cap) for r in rows], None)
+                      for key in ("loss", "smoothed")],
+                     title=f"{name}: LR range test (loss capped at {cap:.2f})", xlabel="log10 learning rate",
+                     ylabel="training loss")
 
 
 def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
