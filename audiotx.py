@@ -637,9 +637,10 @@ def build_model(cfg: Config, n_classes: int) -> nn.Module:
 
 def count_params(model: nn.Module) -> dict:
     """Trainable and frozen parameters; buffers (BatchNorm statistics) on their own."""
+    params = dict(model.named_parameters())
     return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "non_trainable": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-            "buffers": sum(b.numel() for n, b in model.state_dict().items() if n not in dict(model.named_parameters()))}
+            "buffers": sum(b.numel() for n, b in model.state_dict().items() if n not in params)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -749,8 +750,7 @@ def train_step(model, opt, wave, target, cfg, lr: float):
 def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0):
     """LR range test (Smith 2017): from a fresh model, one step per batch of train_idx while the
     learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
-    Returns the rows (step, lr, loss, smoothed) and the suggested peak: a tenth of the learning
-    rate at the smoothed loss's minimum, where it still falls steadily."""
+    Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, n_classes)
     opt = make_optimizer(cfg, model)
@@ -770,7 +770,7 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
         lowest = min(lowest, smoothed)
         if not math.isfinite(loss) or smoothed > 4 * lowest:
             break
-    return rows, suggest_lr(rows)
+    return rows
 
 
 def suggest_lr(rows) -> float:
@@ -1392,14 +1392,20 @@ def heads_comparison(group) -> list:
     return [f"Heads, by validation accuracy over folds: {cells}."]
 
 
+def shown_predictions(run):
+    """("test", the test fold's rows of predictions.csv), or ("val", every row) without a test fold."""
+    rows = read_csv(run["dir"] / "predictions.csv")
+    split = "test" if any(r["split"] == "test" for r in rows) else "val"
+    return split, [r for r in rows if r["split"] == split]
+
+
 def misclassified(run) -> list:
     """Every wrong prediction of the test fold (pooled validation where there is none), one row per
     clip and fold model, and the class pairs confused most often."""
-    rows = read_csv(run["dir"] / "predictions.csv")
-    split = "test" if any(r["split"] == "test" for r in rows) else "val"
+    split, rows = shown_predictions(run)
     classes = run["metrics"]["classes"]
-    wrong = [r for r in rows if r["split"] == split and r["label"] != r["pred"]]
-    n = sum(r["split"] == split for r in rows)
+    wrong = [r for r in rows if r["label"] != r["pred"]]
+    n = len(rows)
     on = "test fold, every fold model" if split == "test" else "pooled validation folds"
     lines = [f"### `{run['name']}`: {len(wrong)} of {n} predictions wrong ({on})", "",
              "| clip | true class | predicted | p(true) | p(predicted) | fold model |", "|---|---|---|---|---|---|"]
@@ -1430,9 +1436,7 @@ def run_model(run, fold: int):
 
 def chosen_clips(run) -> list:
     """Fold model 1's predictions on two clips per class: its surest right one and surest wrong one."""
-    rows = read_csv(run["dir"] / "predictions.csv")
-    split = "test" if any(r["split"] == "test" for r in rows) else "val"
-    rows = [r for r in rows if r["split"] == split and r["fold"] == "1"]
+    rows = [r for r in shown_predictions(run)[1] if r["fold"] == "1"]
     surest = lambda r: max(float(v) for k, v in r.items() if k.startswith("p_"))  # noqa: E731
     picked = []
     for label in sorted({r["label"] for r in rows}, key=int):
@@ -1557,11 +1561,11 @@ def write_report(root: Path) -> Path:
              "## Every configuration", ""] + config_table(runs) + [""]
     lines += analysis(runs) + tuning_section(root)
     lines += ["## Misclassified clips of each split's best configuration", ""]
-    for best in best_per_split(runs).values():
+    bests = list(best_per_split(runs).values())
+    for best in bests:
         lines += misclassified(best)
     # the figures for the course split's best configuration (the one with a test fold), else the first
-    lines += explain_section(max(best_per_split(runs).values(), key=lambda r: r["config"]["test_fold"] > 0),
-                             runs, fig_dir)
+    lines += explain_section(max(bests, key=lambda r: r["config"]["test_fold"] > 0), runs, fig_dir)
     lines += ["## Curves, ROC and confusion matrices", ""]
     for run in runs:
         lines += run_figures(run, fig_dir)
@@ -1751,7 +1755,7 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
         waves = load_clips(ds.root, ds.table, cfg)
-        rows, _ = lr_range_test(dataclasses.replace(cfg, lr=1.0), waves, ds.labels, ds.splits[0][0], len(ds.classes))
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), waves, ds.labels, ds.splits[0][0], len(ds.classes))
         write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
