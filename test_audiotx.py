@@ -425,6 +425,11 @@ def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
     assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)
     assert y.mean().item() == pytest.approx(1.0, abs=0.01) and y.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
     assert torch.equal(drop.eval()(x), x) and torch.equal(audiotx.Dropout(0.0)(x), x)
+    # a shape whose size is not a multiple of the four masks one random integer gives, and a new mask per call
+    x = torch.ones(7, 13, 1001)
+    a, b = audiotx.Dropout(0.1)(x), audiotx.Dropout(0.1)(x)
+    assert a.shape == x.shape and (a == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert not torch.equal(a, b) and ((a == 0) & (b == 0)).float().mean().item() == pytest.approx(0.01, abs=0.002)
 
 
 def test_suggested_lr_is_a_tenth_of_the_smoothed_minimum():
