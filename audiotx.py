@@ -42,13 +42,14 @@ import scipy.io.wavfile
 import scipy.signal
 import scipy.stats
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
 ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
-CACHE_VERSION = 1  # bump when the cached waveform format changes
+CACHE_VERSION = 2  # bump when the cached waveform format changes (2: clip lengths beside the waves)
 ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire", 20: "crying_baby",
          21: "sneezing", 38: "clock_tick", 40: "helicopter", 41: "chainsaw"}  # ESC-50 target -> name
 
@@ -71,6 +72,7 @@ class Config:
     dropout: float = 0.1             # in attention, MLPs and heads
     # data
     data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
+    dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = urbansound8k where metadata/UrbanSound8K.csv exists
     subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
     sample_rate: int = 16000         # Hz after resampling
     features: str = "wave"           # wave | logmel: what the conv front end reads (logmel: 64 bands as channels)
@@ -90,7 +92,8 @@ class Config:
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
-    precision: str = "auto"          # auto | fp32 | bf16: training and evaluation under bfloat16 autocast; auto = bf16 where the CPU has bf16 instructions
+    device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
+    precision: str = "auto"          # auto | fp32 | bf16 (--amp): training and evaluation under bfloat16 autocast; auto = bf16 on CUDA GPUs and CPUs that have it natively
     # output
     out: str = "runs"                # results go to out/name/
     name: str = ""                   # default: derived from the configuration
@@ -107,9 +110,10 @@ class Config:
 
 
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
-REPORTING_FIELDS = {"data", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report",
+REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug", "threads", "report",
                     "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the other fields
 CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logmel"], "subset": ["esc10", "esc50"],
+           "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
 
@@ -132,6 +136,8 @@ def parse_args(argv=None) -> Config:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             kind = float_or_auto if f.name == "lr" else kind
             parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=helptext)
+    parser.add_argument("--amp", dest="precision", action="store_const", const="bf16",
+                        help="mixed precision: the same as --precision bf16")
     args = parser.parse_args(argv)
     if args.hparams:  # the file's settings become defaults, so flags given on the command line still win
         parser.set_defaults(**load_hparams(args.hparams, parser))
@@ -183,15 +189,21 @@ def check_config(cfg: Config):
         raise UserError("--lr auto needs the training clips; --bench times random ones (give --lr a number)")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
+    if cfg.batch_size < 2 * PROC.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
+                        f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
 
 
 def resolve_precision(cfg: Config) -> Config:
-    """--precision auto -> bf16 where oneDNN has native bfloat16 (AVX512-BF16 or AMX; 1.25x faster
-    steps here), else fp32 (emulated bf16 would be slower). config.json records the choice."""
+    """--precision auto -> bf16 on CUDA GPUs with bfloat16, and on CPUs where oneDNN has it natively
+    (AVX512-BF16 or AMX; 1.25x faster steps here); else fp32 (emulated bf16 would be slower).
+    config.json records the choice."""
     if cfg.precision != "auto":
         return cfg
+    if PROC.device.type == "cuda":
+        return dataclasses.replace(cfg, precision="bf16" if torch.cuda.is_bf16_supported() else "fp32")
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = PROC.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         native = False
     return dataclasses.replace(cfg, precision="bf16" if native else "fp32")
@@ -200,6 +212,106 @@ def resolve_precision(cfg: Config) -> Config:
 def run_name(cfg: Config) -> str:
     heads = f"-h{cfg.heads}" if cfg.arch == "transformer" else ""
     return cfg.name or (f"tune-{cfg.arch}" if cfg.tune else f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}")
+
+
+# ----------------------------------------------------------------------------------------
+# devices and processes: one device decision, and torchrun's ranks
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    """This process's place among torchrun's (rank 0 of 1 without torchrun) and its device."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+PROC = Processes()  # set by start_processes(); the functions that shard, gather or write files read it
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device auto -> cuda, else mps, else cpu. Asking is safe on any machine: nothing CUDA
+    initialises unless a GPU is there."""
+    cuda = torch.cuda.is_available()
+    mps = torch.backends.mps.is_available()
+    name = ("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise UserError(f"--device {name}: no such device on this machine (torch {torch.__version__})")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def start_processes(cfg: Config):
+    """One process on cfg.device, or under torchrun (WORLD_SIZE > 1) one of many: GPU
+    LOCAL_RANK of this machine with NCCL, or a CPU share with gloo. Only rank 0 prints."""
+    global PROC
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    PROC = Processes(int(os.environ.get("RANK", "0")), world, local_rank, pick_device(cfg.device, local_rank))
+    if world == 1:
+        return
+    if PROC.device.type == "mps":
+        raise UserError("torchrun with --device mps: PyTorch has no process group for MPS; use --device cpu")
+    if PROC.device.type == "cuda":
+        torch.cuda.set_device(PROC.device)
+    dist.init_process_group("nccl" if PROC.device.type == "cuda" else "gloo")
+    if not PROC.main:
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress lines; errors still reach stderr
+
+
+def stop_processes():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if PROC.world > 1:
+        dist.barrier()
+
+
+def from_main(obj):
+    """Rank 0's obj on every process."""
+    if PROC.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(*values) -> list:
+    """Each value summed over the processes."""
+    if PROC.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=PROC.device if PROC.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_rows(part):
+    """Process r holds rows r, r + world, ... of a tensor (None when it holds none): the whole
+    tensor, in order, on every process."""
+    if PROC.world == 1:
+        return part
+    parts = [None] * PROC.world
+    dist.all_gather_object(parts, None if part is None else part.cpu())
+    held = [p for p in parts if p is not None]
+    out = torch.empty(sum(len(p) for p in held), *held[0].shape[1:], dtype=held[0].dtype)
+    for r, p in enumerate(parts):
+        if p is not None:
+            out[r::PROC.world] = p
+    return out
+
+
+def place(t):
+    """t on the device when it fits in half the free memory, else left on the CPU and moved a
+    batch at a time (UrbanSound8K at 16 kHz is 2.2 GB)."""
+    if t is None or PROC.device.type == "cpu":
+        return t
+    free = torch.cuda.mem_get_info(PROC.device)[0] if PROC.device.type == "cuda" else 2 * t.nbytes + 1
+    return t.to(PROC.device) if t.nbytes < free / 2 else t
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,37 +365,70 @@ def find_data(arg: str) -> Path:
         if (path / "audio").is_dir():
             return path
     if given:
-        raise UserError(f"{given}: no audio/ folder there (expected ESC-50 layout: audio/*.wav + meta/esc50.csv)")
+        raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, audio/*.wav + meta/esc50.csv, "
+                        "or UrbanSound8K's, audio/fold<k>/*.wav + metadata/UrbanSound8K.csv)")
     raise UserError("no dataset found: pass --data DIR or set AUDIOTX_DATA (looked in "
                     + ", ".join(str(p) for p in candidates) + "); the README says how to get ESC-50")
 
 
-def read_table(data_dir: Path, subset: str) -> list:
-    """Rows of meta/esc50.csv as dicts (filename, fold, category, src_file), sorted by filename."""
+def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
+    """Rows (filename under audio/, fold, category, src_file) of the folder's table, sorted by filename."""
+    us8k = data_dir / "metadata" / "UrbanSound8K.csv"
+    if dataset == "urbansound8k" or (dataset == "auto" and us8k.is_file()):
+        return read_urbansound(data_dir, us8k)
+    return read_esc(data_dir, subset)
+
+
+def read_esc(data_dir: Path, subset: str) -> list:
+    """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
     meta = data_dir / "meta" / "esc50.csv"
     if meta.is_file():
         with open(meta, newline="") as f:
             rows = list(csv.DictReader(f))
     else:
         rows = rows_from_names(data_dir, meta)
-    missing = {"filename", "fold", "category"} - set(rows[0] if rows else {})
-    if missing:
-        raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
+    check_columns(meta, rows, {"filename", "fold", "category"})
     numbered = list(enumerate(rows, start=2))  # csv line numbers, for the errors
     if subset == "esc10" and "esc10" in rows[0]:
         numbered = [(line, r) for line, r in numbered if r["esc10"].strip().lower() == "true"]
     table = []
     for line, r in numbered:
-        if not (data_dir / "audio" / r["filename"]).is_file():
-            raise UserError(f"{meta} row {line}: audio/{r['filename']} does not exist")
-        fold = int(r["fold"]) if r["fold"].strip().isdigit() else 0
-        if fold < 1:
-            raise UserError(f"{meta} row {line}: fold {r['fold']!r} is not a positive whole number")
         match = ESC_NAME.match(r["filename"])
         src = r.get("src_file") or (match.group(2) if match else r["filename"])
-        table.append({"filename": r["filename"], "fold": fold, "category": r["category"], "src_file": src})
+        table.append(table_row(data_dir, meta, line, r["filename"], r["fold"], r["category"], src))
+    return checked_table(meta, table, subset)
+
+
+def read_urbansound(data_dir: Path, meta: Path) -> list:
+    """Rows of metadata/UrbanSound8K.csv: audio/fold<k>/<slice_file_name>, with the freesound
+    recording (fsID) a slice was cut from as its source, so no recording crosses a split."""
+    if not meta.is_file():
+        raise UserError(f"{meta}: missing (--dataset urbansound8k expects metadata/UrbanSound8K.csv and audio/fold<k>/)")
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    check_columns(meta, rows, {"slice_file_name", "fsID", "fold", "class"})
+    table = [table_row(data_dir, meta, line, f"fold{r['fold'].strip()}/{r['slice_file_name']}", r["fold"],
+                       r["class"], r["fsID"]) for line, r in enumerate(rows, start=2)]
+    return checked_table(meta, table, "UrbanSound8K")
+
+
+def check_columns(meta: Path, rows: list, needed: set):
+    missing = needed - set(rows[0] if rows else {})
+    if missing:
+        raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
+
+
+def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str, src: str) -> dict:
+    if not (data_dir / "audio" / filename).is_file():
+        raise UserError(f"{meta} row {line}: audio/{filename} does not exist")
+    if not fold.strip().isdigit() or int(fold) < 1:
+        raise UserError(f"{meta} row {line}: fold {fold!r} is not a positive whole number")
+    return {"filename": filename, "fold": int(fold), "category": category, "src_file": src}
+
+
+def checked_table(meta: Path, table: list, what: str) -> list:
     if len({r["category"] for r in table}) < 2:
-        raise UserError(f"{meta}: fewer than two classes in the {subset} rows")
+        raise UserError(f"{meta}: fewer than two classes in the {what} rows")
     return sorted(table, key=lambda r: r["filename"])
 
 
@@ -325,10 +470,12 @@ def fit_clip(wave, rate, target_rate, n_samples):
     return wave[start:start + n_samples]
 
 
-def decode_clips(data_dir: Path, table: list, cfg: Config) -> np.ndarray:
-    """Decode and resample every clip: (N, S) float32. Counts what needed fixing."""
+def decode_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
+    """Decode and resample every clip: waves (N, S) float32 and each clip's length in samples
+    before padding (N,) int64. Counts what needed fixing."""
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     waves = np.zeros((len(table), n_samples), dtype=np.float32)
+    kept = np.zeros(len(table), dtype=np.int64)
     rates, lengths, multichannel = [], [], 0
     t0 = time.time()
     for i, r in enumerate(table):
@@ -339,6 +486,7 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> np.ndarray:
         rates.append(rate)
         lengths.append(len(wave) / rate)
         waves[i] = fit_clip(wave, rate, cfg.sample_rate, n_samples)
+        kept[i] = min(n_samples, math.ceil(len(wave) * cfg.sample_rate / rate))  # resample_poly's output length
         if (i + 1) % 100 == 0 or i + 1 == len(table):
             print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="", flush=True)
     print()
@@ -350,27 +498,35 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> np.ndarray:
     for what, count in odd.items():
         if count:
             print(f"warning: {count} of {len(table)} clips had {what}")
-    return waves
+    return waves, kept
 
 
-def load_clips(data_dir: Path, table: list, cfg: Config) -> torch.Tensor:
-    """All clips as one (N, S) float32 tensor, decoded once and cached on disk."""
+def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
+    """All clips as one (N, S) float32 tensor, decoded once and cached on disk, and their lengths
+    in samples (N,), or None when every clip fills S (then nothing needs masking)."""
     path = cache_path(data_dir, table, cfg)
+    lengths_path = path.with_name(path.stem + "-lengths.npy")
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     if path.is_file():
         try:
-            waves = np.load(path, mmap_mode=None)
-            if waves.shape == (len(table), n_samples) and waves.dtype == np.float32:
-                return torch.from_numpy(waves)
+            waves, kept = np.load(path), np.load(lengths_path)
+            if waves.shape == (len(table), n_samples) and waves.dtype == np.float32 and kept.shape == (len(table),):
+                return clips_and_lengths(waves, kept)
         except (ValueError, OSError, EOFError):
             pass
         print(f"warning: cache {path} is damaged; rebuilding it")
-    waves = decode_clips(data_dir, table, cfg)
+    waves, kept = decode_clips(data_dir, table, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, waves)
-    os.replace(tmp, path)
-    return torch.from_numpy(waves)
+    for array, final in [(kept, lengths_path), (waves, path)]:  # the waves last: their file marks a whole cache
+        tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, array)
+        os.replace(tmp, final)
+    return clips_and_lengths(waves, kept)
+
+
+def clips_and_lengths(waves: np.ndarray, kept: np.ndarray) -> tuple:
+    full = bool((kept == waves.shape[1]).all())
+    return torch.from_numpy(waves), None if full else torch.from_numpy(kept)
 
 
 def regroup(groups, labels, k):
@@ -428,7 +584,7 @@ class Dataset:
 def load_dataset(cfg: Config) -> Dataset:
     """The table, labels and splits; no audio is read here."""
     root = find_data(cfg.data)
-    table = read_table(root, cfg.subset)
+    table = read_table(root, cfg.subset, cfg.dataset)
     classes = sorted({r["category"] for r in table})
     labels = torch.tensor([classes.index(r["category"]) for r in table])
     test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
@@ -436,21 +592,26 @@ def load_dataset(cfg: Config) -> Dataset:
     return Dataset(root, table, classes, labels, test_idx, splits)
 
 
-def augment(wave, labels, n_classes, cfg: Config):
-    """Batch augmentation with tensor ops: wave (B, S) -> wave (B, S), soft targets (B, K)."""
+def augment(wave, labels, n_classes, cfg: Config, lengths=None):
+    """Batch augmentation with tensor ops: wave (B, S), labels (B,), lengths (B,) or None ->
+    wave (B, S), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
     B, S = wave.shape
     target = F.one_hot(labels, n_classes).float()
-    if cfg.shift:  # ESC clips are padded with silence, so a circular shift keeps them natural
+    if cfg.shift and lengths is None:  # ESC clips are padded with silence, so a circular shift keeps them natural
         # one roll per clip: a fifth of the time of gathering through a (B, S) index
         wave = torch.stack([w.roll(-int(k)) for w, k in zip(wave, torch.randint(0, S, (B,)))])
+    elif cfg.shift:  # each clip shifted within its own length, so the padding stays after its end
+        shifts = (torch.rand(B) * lengths.cpu()).long().tolist()
+        wave = torch.stack([torch.cat([w[:n].roll(-k), w[n:]]) for w, n, k in zip(wave, lengths.tolist(), shifts)])
     if cfg.gain_db:
-        wave = wave * 10 ** ((torch.rand(B, 1) * 2 - 1) * cfg.gain_db / 20)
+        wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
     if cfg.mixup:
-        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))  # (B, 1)
+        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1)).to(wave.device)  # (B, 1)
         perm = torch.randperm(B)
         wave = lam * wave + (1 - lam) * wave[perm]
         target = lam * target + (1 - lam) * target[perm]
-    return wave, target
+        lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
+    return wave, target, lengths
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,7 +640,7 @@ class LogMel(nn.Module):
         self.norm = nn.BatchNorm1d(n_mels)  # log energies differ by band; this puts them on one scale
 
     def forward(self, wave):
-        with torch.autocast("cpu", enabled=False):  # the log of small energies needs float32
+        with torch.autocast(wave.device.type, enabled=False):  # the log of small energies needs float32
             spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
             mel = self.fbank.t() @ spec.abs().square()  # (n_mels, F) @ (B, F, frames) -> (B, n_mels, frames)
             return self.norm(torch.log(mel + 1e-6))
@@ -507,22 +668,40 @@ class ConvFrontEnd(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(c_out) for _, c_out, _, _, _ in plan)
         self.plan = plan
 
-    def out_len(self, n_samples: int) -> int:
+    def out_len(self, n_samples):
+        """Frames out of n samples (an int, or a tensor of clip lengths): those a clip fills."""
         n = n_samples // self.mel.hop + 1 if self.mel else n_samples
         for _, _, k, s, pool in self.plan:
             n = ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
         return n
 
-    def forward(self, wave):
-        x = self.mel(wave) if self.mel else wave.unsqueeze(1)  # (B, n_mels, frames) or (B, 1, S)
-        for conv, norm, (*_, pool) in zip(self.convs, self.norms, self.plan):
+    def forward(self, wave, lengths=None):
+        """wave (B, S) -> (features (B, T, C), None), or with the clips' lengths (B,) in samples,
+        (features, the frames each clip fills (B,)). Then everything past a clip's end is zeroed at the input and
+        after every layer, so the padding never reaches a filled frame: the result is the same
+        however long the padding and whatever it holds."""
+        if lengths is not None:
+            wave = wave * (torch.arange(wave.shape[1], device=wave.device) < lengths[:, None])
+        x, n = (self.mel(wave), None if lengths is None else lengths // self.mel.hop + 1) if self.mel \
+            else (wave.unsqueeze(1), lengths)  # (B, n_mels, frames) or (B, 1, S)
+        x = x if n is None else x * within(n, x.shape[-1])
+        for conv, norm, (*_, k, s, pool) in zip(self.convs, self.norms, self.plan):
             x = conv(x)  # (B, C, L)
             # Max-pool first, so normalisation and ReLU touch a quarter of the values. max() over a
             # reshape is max_pool1d (non-overlapping windows, remainder dropped) at about half the cost.
             if pool > 1:
                 x = x[..., :x.shape[-1] // pool * pool].unflatten(2, (-1, pool)).max(-1).values  # (B, C, L / pool)
             x = F.relu(norm(x))
-        return x.transpose(1, 2)  # (B, C, T) -> (B, T, C)
+            if n is not None:
+                n = ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
+                x = x * within(n, x.shape[-1])
+        # (B, C, T) -> (B, T, C); a clip too short to fill one frame keeps its first
+        return x.transpose(1, 2), None if n is None else n.clamp_min(1)
+
+
+def within(n, length: int):
+    """(B, 1, length) mask of the first n[b] positions of each row."""
+    return (torch.arange(length, device=n.device) < n[:, None])[:, None]
 
 
 class Dropout(nn.Module):
@@ -538,7 +717,8 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         n = x.numel()
-        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        bits = bits.view(torch.int16)[:n]
         keep = bits.view(x.shape) >= round(self.p * 65536) - 32768  # uniform int16 in [-32768, 32767]
         return x * keep * (1 / (1 - self.p))
 
@@ -554,11 +734,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.drop = Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep (B, T) bool: the tokens that may be attended to (None: all)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)  # (B, nh, T, T)
+        if keep is not None:  # padding gets zero weight, so it cannot move any token's output
+            att = att.masked_fill(~keep[:, None, None, :], float("-inf"))
         att = att.softmax(dim=-1)
         self.att = att.detach()  # kept for cls_attention's figures; no copy, replaced on every call
         att = self.drop(att)
@@ -585,8 +768,8 @@ class Block(nn.Module):
         self.mlp = MLP(dim=dim, hidden=4 * dim, out=dim, dropout=dropout)
         self.drop = Dropout(dropout)
 
-    def forward(self, x):
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x, keep=None):
+        x = x + self.drop(self.attn(self.ln1(x), keep))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -598,9 +781,13 @@ class CNNClassifier(nn.Module):
         self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
         self.head = MLP(dim=2 * dim, hidden=dim, out=n_classes, dropout=dropout)
 
-    def forward(self, wave):
-        x = self.front(wave)  # (B, T, C)
-        return self.head(torch.cat([x.mean(1), x.amax(1)], dim=1))  # (B, 2C) -> (B, K)
+    def forward(self, wave, lengths=None):
+        x, n = self.front(wave, lengths)  # (B, T, C), None or (B,) filled frames
+        if n is None:
+            return self.head(torch.cat([x.mean(1), x.amax(1)], dim=1))  # (B, 2C) -> (B, K)
+        filled = within(n, x.shape[1]).transpose(1, 2)  # (B, T, 1)
+        mean, top = x.sum(1) / n[:, None], x.masked_fill(~filled, float("-inf")).amax(1)  # over filled frames only
+        return self.head(torch.cat([mean, top], dim=1))
 
 
 class AudioTransformer(nn.Module):
@@ -618,12 +805,13 @@ class AudioTransformer(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.head = MLP(dim=dim, hidden=dim, out=n_classes, dropout=dropout)
 
-    def forward(self, wave):
-        x = self.front(wave)  # (B, T, C)
+    def forward(self, wave, lengths=None):
+        x, n = self.front(wave, lengths)  # (B, T, C), None or (B,) filled frames
+        keep = None if n is None else F.pad(within(n, x.shape[1])[:, 0], (1, 0), value=True)  # (B, 1 + T)
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + T, C), <cls> at 0
         x = self.drop(x + self.pos[:, :x.shape[1]])
         for block in self.blocks:
-            x = block(x)
+            x = block(x, keep)
         return self.head(self.ln(x[:, 0]))  # the <cls> output -> (B, K)
 
 
@@ -723,40 +911,50 @@ def n_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total):
-    """One pass over idx in random order; returns (mean loss, accuracy against the dominant target)."""
+def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
+    """One pass over idx in the random order drawn from the generator `order` (the same in every
+    process); each process trains on its share of every batch. Returns (mean loss, accuracy
+    against the dominant target) over the whole pass."""
     model.train()
-    perm = torch.from_numpy(idx)[torch.randperm(len(idx))]
+    perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     loss_sum = correct = 0.0
     for chunk in perm.tensor_split(n_batches(len(idx), cfg.batch_size)):
-        wave, target = augment(waves[chunk], labels[chunk], n_classes, cfg)
-        loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total))
+        mine = chunk[PROC.rank::PROC.world]  # (B / world,) this process's share
+        wave, target, n = augment(waves[mine].to(PROC.device), labels[mine].to(PROC.device), n_classes, cfg,
+                                  None if lengths is None else lengths[mine].to(PROC.device))
+        # DDP averages the processes' gradients: weighting each share by its size makes that
+        # the gradient of the whole batch's mean loss, as in one process
+        loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
+                                  scale=len(mine) * PROC.world / len(chunk))
         step += 1
-        loss_sum += loss * len(chunk)
+        loss_sum += loss * len(mine)
         correct += (logits.argmax(1) == target.argmax(1)).sum().item()
+    loss_sum, correct = all_sum(loss_sum, correct)
     return loss_sum / len(idx), correct / len(idx)
 
 
-def train_step(model, opt, wave, target, cfg, lr: float):
-    """One AdamW step at learning rate lr on wave (B, S), soft targets (B, K): (loss, logits (B, K))."""
+def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: float = 1.0):
+    """One AdamW step at learning rate lr on wave (B, S), soft targets (B, K), with the mean loss
+    multiplied by scale: (loss, logits (B, K))."""
     for group in opt.param_groups:
         group["lr"] = lr
     # bf16 autocast runs the matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        logits = model(wave)
+    with torch.autocast(wave.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        logits = model(wave, lengths)
     loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale if scale != 1 else loss).backward()
     opt.step()
     return loss.item(), logits.detach()
 
 
-def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0):
+def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0,
+                  lengths=None):
     """LR range test (Smith 2017): from a fresh model, one step per batch of train_idx while the
     learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
     Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, n_classes)
+    model = build_model(cfg, n_classes).to(PROC.device)
     opt = make_optimizer(cfg, model)
     model.train()
     rows, avg, lowest = [], 0.0, math.inf
@@ -767,7 +965,9 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
             batches = list(perm.tensor_split(n_batches(len(train_idx), cfg.batch_size)))
         chunk = batches.pop()
         lr = lo * (hi / lo) ** (step / (steps - 1))
-        loss, _ = train_step(model, opt, *augment(waves[chunk], labels[chunk], n_classes, cfg), cfg, lr)
+        wave, target, n = augment(waves[chunk].to(PROC.device), labels[chunk].to(PROC.device), n_classes, cfg,
+                                  None if lengths is None else lengths[chunk].to(PROC.device))
+        loss, _ = train_step(model, opt, wave, target, cfg, lr, n)
         avg = 0.9 * avg + 0.1 * loss
         smoothed = avg / (1 - 0.9 ** (step + 1))  # bias-corrected exponential average
         rows.append({"step": step + 1, "lr": lr, "loss": loss, "smoothed": smoothed})
@@ -783,12 +983,19 @@ def suggest_lr(rows) -> float:
 
 
 @torch.no_grad()
-def predict(model, waves, precision: str = "fp32", batch_size=32):
-    """Class probabilities (N, K) in eval mode; bf16 runs the model as the training steps do
-    (a quarter faster here). Batches of 32 keep the stem's output in cache: 64 was slower."""
+def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
+    """Class probabilities (N, K) in eval mode, each process predicting every world-th clip.
+    bf16 runs the model as the training steps do (a quarter faster here); batches of 32 keep
+    the stem's output in cache (64 was slower)."""
+    model = getattr(model, "module", model)  # not through DDP, which would sync buffers on every call
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return torch.cat([model(w).float().softmax(1) for w in waves.split(batch_size)])
+    mine = torch.arange(PROC.rank, len(waves), PROC.world)
+    probs = []
+    with torch.autocast(PROC.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for idx in mine.split(batch_size):
+            n = None if lengths is None else lengths[idx].to(PROC.device)
+            probs.append(model(waves[idx].to(PROC.device), n).float().softmax(1).cpu())  # (b, K)
+    return gather_rows(torch.cat(probs) if probs else None)
 
 
 def grad_cam(model, wave, target: int):
@@ -796,7 +1003,7 @@ def grad_cam(model, wave, target: int):
     channel is weighted by its mean gradient of the target logit over time (Selvaraju et al. 2017)."""
     model.eval()
     feats = {}
-    handle = model.front.register_forward_hook(lambda module, inputs, out: feats.update(x=out))
+    handle = model.front.register_forward_hook(lambda module, inputs, out: feats.update(x=out[0]))
     try:
         logits = model(wave[None])  # (1, K)
     finally:
@@ -815,21 +1022,26 @@ def cls_attention(model, wave):
     model(wave[None])
     atts = [block.attn.att[0] for block in model.blocks]  # depth x (nh, 1 + T, 1 + T)
     n = atts[0].shape[-1]
-    rollout = torch.eye(n)
+    eye = torch.eye(n, device=atts[0].device)
+    rollout = eye
     for att in atts:
-        rollout = (0.5 * att.mean(0) + 0.5 * torch.eye(n)) @ rollout  # (1 + T, 1 + T)
+        rollout = (0.5 * att.mean(0) + 0.5 * eye) @ rollout  # (1 + T, 1 + T)
     return torch.stack([att[:, 0, 1:] for att in atts]), rollout[0, 1:]
 
 
-def evaluate(model, waves, labels, precision: str = "fp32"):
+def evaluate(model, waves, labels, precision: str = "fp32", lengths=None):
     """(loss, accuracy, probs) on clips without augmentation."""
-    probs = predict(model, waves, precision)
+    probs = predict(model, waves, precision, lengths)
+    labels = labels.cpu()
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item(), probs
 
 
 def save_atomic(obj, path: Path):
-    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    """torch.save to a temporary name, then rename: a reader never sees half a file. Under
+    torchrun only rank 0 writes files (here and in write_text)."""
+    if not PROC.main:
+        return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -838,7 +1050,7 @@ def save_atomic(obj, path: Path):
 def load_checked(path: Path):
     """torch.load, with a damaged or truncated file reported in one line instead of half-loaded."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
 
@@ -854,32 +1066,42 @@ def load_state(path: Path, cfg: Config):
     return state
 
 
-def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress):
-    """Train one fold for cfg.epochs, resuming from fold_dir/state.pt; return the chosen model."""
+def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress, lengths=None):
+    """Train one fold for cfg.epochs, resuming from fold_dir/state.pt; return the chosen model.
+    Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
     train_idx, val_idx = split
     torch.manual_seed(cfg.seed + fold)
-    model = build_model(cfg, n_classes)
+    model = build_model(cfg, n_classes).to(PROC.device)
+    if PROC.world > 1 and PROC.device.type == "cuda":  # batch statistics over the whole batch, as in one process
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(cfg, model)
+    order = torch.Generator().manual_seed(cfg.seed + fold)  # the epochs' clip order, shared by the processes
+    if PROC.rank:  # rank 0 draws what one process would; the others their own augmentation and dropout
+        torch.manual_seed(cfg.seed + fold + 1000 * PROC.rank)
     steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
     state = load_state(state_path, cfg)
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
+        order.set_state(state.get("order", order.get_state()))
+        set_rng_state(state["rng"], state_path)
         print(f"fold {fold}: resuming after epoch {state['epoch']}")
     else:
         state = {"epoch": 0, "history": [], "best": None, "settings": result_settings(cfg)}
+    net = model if PROC.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[PROC.device] if PROC.device.type == "cuda" else None)
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
     val_w, val_y = waves[val_idx], labels[val_idx]
+    val_n = None if lengths is None else lengths[val_idx]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.time()
         lr = lr_at(cfg, (epoch - 1) * steps, steps * cfg.epochs)
-        tr_loss, tr_acc = train_epoch(model, opt, waves, labels, train_idx, cfg, n_classes,
-                                      (epoch - 1) * steps, steps * cfg.epochs)
-        va_loss, va_acc, _ = evaluate(model, val_w, val_y, cfg.precision)
+        tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes,
+                                      (epoch - 1) * steps, steps * cfg.epochs, order, lengths)
+        va_loss, va_acc, _ = evaluate(model, val_w, val_y, cfg.precision, val_n)
         row = {"epoch": epoch, "lr": lr, "train_loss": tr_loss, "train_acc": tr_acc,
                "val_loss": va_loss, "val_acc": va_acc, "seconds": time.time() - t0}
         state["history"].append(row)
@@ -887,14 +1109,37 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         # Chosen on validation only: highest accuracy, ties to the lower validation loss.
         if best is None or (va_acc, -va_loss) > (best["val_acc"], -best["val_loss"]):
             state["best"] = {"epoch": epoch, "val_acc": va_acc, "val_loss": va_loss,
-                             "model": {k: v.clone() for k, v in model.state_dict().items()}}
-        state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state())
+                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), order=order.get_state(),
+                     rng=rng_states())
         save_atomic(state, state_path)
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)
         progress(fold, row)
     model.load_state_dict(state["best"]["model"])
     return model, state["best"]["epoch"], state["history"]
+
+
+def rng_states() -> list:
+    """Every process's random state (the CPU's, and the GPU's where one is used), in rank order."""
+    mine = {"cpu": torch.get_rng_state()}
+    if PROC.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(PROC.device)
+    if PROC.world == 1:
+        return [mine]
+    states = [None] * PROC.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def set_rng_state(saved, path: Path):
+    saved = [{"cpu": saved}] if torch.is_tensor(saved) else saved  # state.pt from before torchrun support
+    if len(saved) != PROC.world:
+        raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {PROC.world}; "
+                        "resume with the same number, or rerun with --restart")
+    torch.set_rng_state(saved[PROC.rank]["cpu"])
+    if "cuda" in saved[PROC.rank] and PROC.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[PROC.rank]["cuda"], PROC.device)
 
 
 def result_settings(cfg: Config) -> dict:
@@ -926,7 +1171,7 @@ SPACE = {  # what --tune samples; depth only for the transformer
 }
 
 
-def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
+def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
     """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
     (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds), and the search
     stops when one is left (training it again would only re-score it). A trial's score is its
@@ -948,7 +1193,7 @@ def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
             trial_cfg = dataclasses.replace(cfg, **trials[t], epochs=epochs, tune=0)
             scores[t] = done.get((t, rung))
             if scores[t] is None:
-                scores[t] = score_trial(trial_cfg, ds, waves, out / f"trial{t}-rung{rung}", n_folds)
+                scores[t] = score_trial(trial_cfg, ds, clips, out / f"trial{t}-rung{rung}", n_folds)
             rows.append({"trial": t, "rung": rung, "epochs": epochs, "folds": n_folds, **trials[t],
                          "score": scores[t]})
             write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
@@ -963,18 +1208,19 @@ def tune(cfg: Config, ds: Dataset, waves: torch.Tensor, out: Path) -> dict:
     return best
 
 
-def score_trial(cfg: Config, ds: Dataset, waves: torch.Tensor, trial_dir: Path, n_folds: int) -> float:
+def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds: int) -> float:
     """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
     tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the final runs
     accs = []
     for fold in range(1, n_folds + 1):
         fold_dir = trial_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, history = train_fold(cfg, waves, ds.labels, ds.splits[fold - 1], fold, fold_dir,
-                                   len(ds.classes), tracker, lambda *_: None)
+        _, _, history = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
+                                   len(ds.classes), tracker, lambda *_: None, clips[1])
         tail = max(1, len(history) // 10)
         accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
-        (fold_dir / "state.pt").unlink(missing_ok=True)
+        if PROC.main:
+            (fold_dir / "state.pt").unlink(missing_ok=True)
     return float(np.mean(accs))
 
 
@@ -983,6 +1229,8 @@ def score_trial(cfg: Config, ds: Dataset, waves: torch.Tensor, trial_dir: Path, 
 # ----------------------------------------------------------------------------------------
 
 def write_text(path: Path, text: str):
+    if not PROC.main:
+        return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -1016,6 +1264,7 @@ class Tracker:
     used, and any W&B failure prints one warning and turns it off: the files are the record."""
 
     def __init__(self, cfg: Config, run_dir: Path, config: dict, mode: str = ""):
+        mode = mode if PROC.main else "disabled"  # under torchrun rank 0 alone logs
         self.mode, self.run_dir, self.config, self.cfg = mode or wandb_mode(cfg), run_dir, config, cfg
         self.run, self.wandb = None, None
         if self.mode == "disabled":
@@ -1475,7 +1724,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
     cfg, model = loaded
     try:
         ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).is_dir() else ""))
-        waves = load_clips(ds.root, ds.table, cfg)
+        waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
     except UserError as e:
         return lines + [f"No figures: {e}", ""]
     index = {r["filename"]: i for i, r in enumerate(ds.table)}
@@ -1616,15 +1865,16 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     torch.manual_seed(cfg.seed)
     waves, labels = torch.randn(n_train + n_val, n_samples) * 0.1, torch.arange(n_train + n_val) % n_classes
-    model = build_model(cfg, n_classes)
-    opt = make_optimizer(cfg, model)
-    fwd_flops, train_flops = step_flops(model, waves[:cfg.batch_size], labels[:cfg.batch_size], n_classes)
-    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100)  # warm-up
+    model = build_model(cfg, n_classes).to(PROC.device)
+    opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
+    batch = waves[:cfg.batch_size].to(PROC.device), labels[:cfg.batch_size].to(PROC.device)
+    fwd_flops, train_flops = step_flops(model, *batch, n_classes)
+    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100, order)  # warm-up
     t0 = time.perf_counter()
-    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100)
+    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100, order)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluate(model, waves[n_train:], labels[n_train:])
+    evaluate(model, waves[n_train:], labels[n_train:], cfg.precision)
     t_eval = time.perf_counter() - t0
     epoch = t_train + t_eval
     return {"arch": cfg.arch, "heads": cfg.heads if cfg.arch == "transformer" else None,
@@ -1663,26 +1913,28 @@ def bench(cfg: Config) -> dict:
 # main
 # ----------------------------------------------------------------------------------------
 
-def fold_result(cfg, run_dir, waves, ds: Dataset, fold, tracker, progress) -> dict:
+def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> dict:
     """The chosen model's probabilities on its validation fold and the test fold; a finished
     fold is read back from fold<i>/result.pt, never retrained."""
     fold_dir = run_dir / f"fold{fold}"
-    fold_dir.mkdir(exist_ok=True)
+    if PROC.main:
+        fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
-    split, test_idx, labels, classes = ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
+    (waves, lengths), (split, test_idx, labels, classes) = clips, (ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes)
     model, best_epoch, history = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes), tracker,
-                                            progress)
+                                            progress, lengths)
+    on = lambda idx: (waves[idx], cfg.precision, None if lengths is None else lengths[idx])  # noqa: E731
     res = {"best_epoch": best_epoch, "seconds": sum(r["seconds"] for r in history),
-           "val": predict(model, waves[split[1]], cfg.precision),
-           "test": predict(model, waves[test_idx], cfg.precision) if len(test_idx) else None}
+           "val": predict(model, *on(split[1])), "test": predict(model, *on(test_idx)) if len(test_idx) else None}
     shown = "test" if len(test_idx) else "val"
     shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
     tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
     tracker.finish()
     save_atomic(model.state_dict(), fold_dir / "model.pt")
     save_atomic(res, fold_dir / "result.pt")
-    (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
+    if PROC.main:
+        (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
     return res
 
 
@@ -1736,20 +1988,34 @@ def run(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     ds = load_dataset(cfg)
     run_dir = Path(cfg.out) / run_name(cfg)
-    with run_lock(run_dir):
-        if cfg.restart:
+    with run_lock(run_dir) if PROC.main else contextlib.nullcontext():
+        if cfg.restart and PROC.main:
             clear_run_dir(run_dir)
-        if cfg.lr_find or cfg.lr == "auto":
-            cfg = dataclasses.replace(cfg, lr=find_lr(cfg, ds, run_dir))  # config.json records the number
+        if cfg.lr_find or cfg.lr == "auto":  # config.json records the number
+            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if PROC.main else None))
             if cfg.lr_find:
                 return {"lr": cfg.lr}
         config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(ds.root), "classes": ds.classes,
-                  "n_clips": len(ds.table), "versions": versions(),
+                  "n_clips": len(ds.table), "versions": versions(), "processes": PROC.world,
+                  "device_used": str(PROC.device),
                   "params": count_params(build_model(cfg, len(ds.classes)))}
-        if cfg.tune:
+        if PROC.main:
             prepare_run_dir(cfg, run_dir, config)
-            return tune(cfg, ds, load_clips(ds.root, ds.table, cfg), run_dir)
+        barrier()  # the other processes look at the folder once rank 0 has cleared and claimed it
+        if cfg.tune:
+            return tune(cfg, ds, load_clips_once(ds, cfg), run_dir)
         return run_locked(cfg, run_dir, config, ds)
+
+
+def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
+    """load_clips, with the cache built by one process per machine while the others wait for
+    it; then on the device where it fits."""
+    if PROC.local_rank == 0:
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+    barrier()
+    if PROC.local_rank:
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+    return place(waves), place(lengths)
 
 
 def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
@@ -1760,8 +2026,9 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
     if path.is_file():
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
-        waves = load_clips(ds.root, ds.table, cfg)
-        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), waves, ds.labels, ds.splits[0][0], len(ds.classes))
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), place(waves), ds.labels, ds.splits[0][0],
+                             len(ds.classes), lengths=place(lengths))
         write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
@@ -1781,18 +2048,20 @@ def lr_find_svg(rows, name: str) -> str:
 
 
 def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
-    prepare_run_dir(cfg, run_dir, config)
     if (run_dir / "metrics.json").is_file():
         print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
         return json.loads((run_dir / "metrics.json").read_text())
-    waves = load_clips(ds.root, ds.table, cfg)  # (N, S)
+    clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
     print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
-          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds")
+          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds"
+          + (f", {PROC.world} processes on {PROC.device.type}" if PROC.world > 1 else f" on {PROC.device.type}"))
     tracker = Tracker(cfg, run_dir, config)
     progress = print_progress_factory(cfg, cfg.kfold)
-    results = [fold_result(cfg, run_dir, waves, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
+    results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
     labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
     metrics = gather_metrics(results, labels, splits, test_idx, classes)
+    if not PROC.main:
+        return metrics
     # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
     metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
     roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
@@ -1811,6 +2080,9 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
+        start_processes(cfg)
+        if PROC.world > 1 and (cfg.report or cfg.bench):
+            raise UserError("--report and --bench run in one process: leave out torchrun")
         if cfg.report:
             write_report(Path(cfg.report))
         elif cfg.bench:
@@ -1829,6 +2101,8 @@ def main(argv=None) -> int:
         print("\ninterrupted: the finished epochs are saved; run the same command again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        stop_processes()
     return 0
 
 

@@ -4,6 +4,7 @@
 #   bash run.sh                              # all 8 configurations into runs/, then runs/REPORT.md
 #   bash run.sh --epochs 5 --wandb disabled  # extra arguments go to every run
 #   JOBS=2 OUT=results bash run.sh           # 2 configurations at once (cores split), results in results/
+#   CONFIG=3 bash run.sh                     # configuration 3 alone, no report (one task of a Slurm array)
 # A finished configuration is recognised by audiotx.py and skipped, so a rerun continues where it stopped.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -20,9 +21,14 @@ for split in "--test-fold 1" "--test-fold 0"; do
   configs+=("--arch cnn $split")
   for heads in 1 2 4; do configs+=("--arch transformer --heads $heads $split"); done
 done
+if [ -n "${CONFIG:-}" ] && ! { [ "$CONFIG" -ge 1 ] && [ "$CONFIG" -le "${#configs[@]}" ]; } 2>/dev/null; then
+  echo "run.sh: CONFIG=$CONFIG is not one of 1..${#configs[@]}" >&2
+  exit 2
+fi
 start=$SECONDS
 failed=0
 for i in "${!configs[@]}"; do
+  if [ -n "${CONFIG:-}" ] && [ "$CONFIG" != "$((i + 1))" ]; then continue; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done  # a free slot (JOBS > 1)
   echo "== configuration $((i + 1))/${#configs[@]}: ${configs[$i]} --kfold 4 ($(( (SECONDS - start) / 60 )) min so far)"
   arch=$(set -- ${configs[$i]}; echo "$2")
@@ -42,4 +48,5 @@ if [ "$failed" -ne 0 ]; then
   echo "run.sh: some configurations failed (see above or $OUT/logs/); rerun to continue" >&2
   exit 1
 fi
+if [ -n "${CONFIG:-}" ]; then exit 0; fi  # an array's tasks finish apart: the report comes after the last
 $PY audiotx.py --report "$OUT"

@@ -17,6 +17,7 @@ import pytest
 import scipy.io.wavfile
 import scipy.stats
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import audiotx
@@ -350,7 +351,7 @@ def cached(tmp_path, monkeypatch):
     root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
     cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
     table = audiotx.read_table(root, "esc10")
-    return root, table, cfg, audiotx.load_clips(root, table, cfg), audiotx.cache_path(root, table, cfg)
+    return root, table, cfg, audiotx.load_clips(root, table, cfg)[0], audiotx.cache_path(root, table, cfg)
 
 
 def test_esc50_layout_gives_esc10_by_default_and_50_classes_with_subset_esc50(tmp_path):
@@ -376,7 +377,7 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     root, table, cfg, first, path = cached
     assert path.is_file() and first.shape == (6, 8000)
     np.save(path, np.zeros((6, 8000), dtype=np.float32))  # a reused cache is read, not rebuilt
-    assert audiotx.load_clips(root, table, cfg).abs().sum() == 0
+    assert audiotx.load_clips(root, table, cfg)[0].abs().sum() == 0
     name = root / "audio" / table[0]["filename"]
     scipy.io.wavfile.write(name, 8000, np.zeros(8000, dtype=np.int16) + 100)
     assert audiotx.cache_path(root, table, cfg) != path  # changed size or mtime -> new key
@@ -393,7 +394,9 @@ def test_same_seed_same_numbers_and_schedule_shape():
         torch.manual_seed(5)
         model = audiotx.build_model(cfg, 3)
         opt = audiotx.make_optimizer(cfg, model)
-        return [audiotx.train_epoch(model, opt, waves, labels, np.arange(12), cfg, 3, 3 * e, 6)[0] for e in range(2)]
+        order = torch.Generator().manual_seed(5)
+        return [audiotx.train_epoch(model, opt, waves, labels, np.arange(12), cfg, 3, 3 * e, 6, order)[0]
+                for e in range(2)]
 
     assert losses() == losses()
     lrs = [audiotx.lr_at(cfg, s, 100) for s in range(100)]
@@ -404,18 +407,29 @@ def test_same_seed_same_numbers_and_schedule_shape():
 def test_augment_keeps_shapes_and_mixes_targets():
     torch.manual_seed(0)
     cfg = audiotx.Config(mixup=0.4)
-    wave, target = audiotx.augment(torch.randn(6, 100), torch.tensor([0, 1, 2, 0, 1, 2]), 3, cfg)
+    wave, target, _ = audiotx.augment(torch.randn(6, 100), torch.tensor([0, 1, 2, 0, 1, 2]), 3, cfg)
     assert wave.shape == (6, 100) and target.shape == (6, 3)
     torch.testing.assert_close(target.sum(1), torch.ones(6))
-    silent, _ = audiotx.augment(torch.zeros(4, 100), torch.zeros(4, dtype=torch.long), 3, cfg)
+    silent, _, _ = audiotx.augment(torch.zeros(4, 100), torch.zeros(4, dtype=torch.long), 3, cfg)
     assert torch.isfinite(silent).all() and silent.abs().max() == 0
     # shift alone: each row is its clip rotated by some amount, and the amounts differ
     wave = torch.arange(6 * 100.0).view(6, 100)
-    shifted, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0))
+    shifted, _, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0))
     amounts = [int(row[0] - start) % 100 for row, start in zip(shifted, wave[:, 0])]
     for row, clip, k in zip(shifted, wave, amounts):
         assert torch.equal(row, clip.roll(-k))
     assert len(set(amounts)) > 1
+    # clips of their own lengths: each is rotated within its length, the padding after it stays put
+    lengths = torch.tensor([100, 60, 30, 1, 100, 45])
+    padded = wave * (torch.arange(100) < lengths[:, None])
+    shifted, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0),
+                                    lengths)
+    assert torch.equal(n, lengths)
+    for row, clip, m in zip(shifted, padded, lengths.tolist()):
+        k = int(row[0] - clip[0]) % m
+        assert torch.equal(row[:m], clip[:m].roll(-k)) and row[m:].abs().sum() == 0
+    _, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0.4), lengths)
+    assert (n >= lengths).all() and set(n.tolist()) <= set(lengths.tolist())  # a mixed pair fills the longer's
 
 
 def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
@@ -683,7 +697,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
 def test_damaged_cache_is_rebuilt(cached, capsys):
     root, table, cfg, first, path = cached
     path.write_bytes(path.read_bytes()[:1000])
-    again = audiotx.load_clips(root, table, cfg)
+    again, _ = audiotx.load_clips(root, table, cfg)
     assert "is damaged; rebuilding it" in capsys.readouterr().out
     torch.testing.assert_close(again, first)
 
@@ -751,6 +765,15 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("complete; nothing to do") == 7
+    # CONFIG=i: one configuration (a Slurm array task), no report; CONFIG outside 1..8 is refused
+    stamp = (tmp_path / "runs" / "REPORT.md").stat().st_mtime_ns
+    one = subprocess.run(["bash", str(HERE / "run.sh"), *args], env={**env, "CONFIG": "2"}, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0 and one.stdout.count("== configuration") == 1, one.stdout + one.stderr
+    assert "== configuration 2/8: --arch transformer --heads 1 --test-fold 1" in one.stdout
+    assert (tmp_path / "runs" / "REPORT.md").stat().st_mtime_ns == stamp
+    bad = subprocess.run(["bash", str(HERE / "run.sh")], env={**env, "CONFIG": "9"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "CONFIG=9 is not one of 1..8" in bad.stderr
 
 
 def test_paired_comparison_matches_scipy():
@@ -851,3 +874,120 @@ def test_a_wandb_failure_is_one_warning_and_training_goes_on(quick, capsys, monk
     warnings_ = [l for l in out.splitlines() if l.startswith("warning: W&B")]
     assert warnings_ == ["warning: W&B turned off after an error: ConnectionError: api.wandb.ai unreachable"]
     assert (Path(args[3]) / "transformer-h2-test1-k2" / "metrics.json").is_file()
+
+
+# ---- devices, processes and other datasets ----
+
+def write_urbansound(root: Path, rate=8000):
+    """A tiny UrbanSound8K-layout dataset: 3 folds x 2 classes x 2 slices of 0.3-1.0 s, some at 2x the rate."""
+    rng = np.random.default_rng(0)
+    rows, lengths = [], {}
+    for fold in range(1, 4):
+        (root / "audio" / f"fold{fold}").mkdir(parents=True)
+        for c, name in enumerate(["dog_bark", "siren"]):
+            for j in range(2):
+                r, seconds = (2 * rate if j else rate), [0.3, 0.55, 0.8, 1.0][(fold + c + j) % 4]
+                t = np.arange(int(r * seconds)) / r
+                wave = 0.5 * np.sin(2 * np.pi * 400 * (c + 1) * t) + 0.05 * rng.standard_normal(len(t))
+                file = f"{100 + fold}{c}-{c}-0-{j}.wav"
+                scipy.io.wavfile.write(root / "audio" / f"fold{fold}" / file, r, (wave * 32767).astype(np.int16))
+                rows.append([file, f"{100 + fold}{c}", 0, seconds, 1, fold, c, name])
+                lengths[f"fold{fold}/{file}"] = int(rate * seconds)
+    (root / "metadata").mkdir()
+    with open(root / "metadata" / "UrbanSound8K.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"]]
+                                + rows)
+    return root, lengths
+
+
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_urbansound8k_layout_clips_of_many_lengths_train(tmp_path, monkeypatch, arch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root, lengths = write_urbansound(tmp_path / "us8k")
+    cfg = audiotx.Config(data=str(root), sample_rate=8000, clip_seconds=1.0, kfold=2)
+    ds = audiotx.load_dataset(cfg)
+    assert ds.classes == ["dog_bark", "siren"] and len(ds.table) == 12 and len(ds.test_idx) == 4
+    assert all(r["filename"].startswith(f"fold{r['fold']}/") for r in ds.table)
+    waves, n = audiotx.load_clips(ds.root, ds.table, cfg)
+    assert n.tolist() == [lengths[r["filename"]] for r in ds.table]  # resampled lengths, before padding
+    assert all(w[k:].abs().sum() == 0 and w[k - 10:k].abs().sum() > 0 for w, k in zip(waves, n.tolist()))
+    out = tmp_path / "runs"
+    assert audiotx.main(["--data", str(root), "--arch", arch, "--sample-rate", "8000", "--clip-seconds", "1",
+                         "--kfold", "2", "--epochs", "1", "--dim", "16", "--out", str(out), "--wandb", "disabled"]) == 0
+    metrics = json.loads(next(out.glob("*/metrics.json")).read_text())
+    assert metrics["classes"] == ds.classes and metrics["test"]["n"] == 2 * 4 and metrics["val"]["n"] == 8
+    # an explicit --dataset that does not match the folder names the missing file
+    assert audiotx.main(["--data", str(write_dataset(tmp_path / "esc")), "--dataset", "urbansound8k"]) == 2
+
+
+@pytest.mark.parametrize("features", ["wave", "logmel"])
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_padding_never_changes_the_logits(arch, features):
+    torch.manual_seed(0)
+    cfg = audiotx.Config(arch=arch, dim=16, sample_rate=8000, clip_seconds=2.0, features=features)
+    model = audiotx.build_model(cfg, 3).eval()
+    with torch.no_grad():  # running statistics far from (0, 1), so padding that leaked would show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    lengths = torch.tensor([16000, 9000, 5000, 2100])
+    after = torch.arange(16000) >= lengths[:, None]  # (4, S) the padded samples
+    wave = torch.randn(4, 16000).masked_fill(after, 0)
+    with torch.no_grad():
+        logits = model(wave, lengths)
+        # other padded samples: bit for bit the same logits
+        assert torch.equal(model(wave + 5 * torch.randn(4, 16000) * after, lengths), logits)
+        # a full-length clip is unchanged by its lengths; a short clip in a shorter buffer gives its logits
+        torch.testing.assert_close(model(wave[:1]), logits[:1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(wave[2:3, :12000], lengths[2:3]), logits[2:3], rtol=0, atol=1e-6)
+        # and the lengths matter: the same buffers read as full clips give other logits
+        assert (model(wave) - logits)[1:].abs().max() > 1e-3
+
+
+def test_device_flag(quick, capsys):
+    root, flags = quick
+    assert audiotx.pick_device("cpu") == torch.device("cpu")
+    assert audiotx.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
+                                                "mps" if torch.backends.mps.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert audiotx.main(flags + ["--device", "cuda"]) == 2
+        assert "--device cuda: no such device" in capsys.readouterr().err
+    assert audiotx.main(flags + ["--device", "cpu", "--amp"]) == 0
+    config = json.loads(next(Path(flags[flags.index("--out") + 1]).glob("*/config.json")).read_text())
+    assert config["precision"] == "bf16" and config["device_used"] == "cpu" and config["processes"] == 1
+
+
+def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """Every clip the same noise (labels differ), so each process's BatchNorm statistics equal
+    the whole batch's (CPU BatchNorm is per process) and no augmentation: two processes must
+    then give one process's numbers, up to the order of float sums."""
+    root = write_dataset(tmp_path / "data", clips_per_fold=4)
+    noise = (np.random.default_rng(1).standard_normal(8000) * 8000).astype(np.int16)
+    for f in (root / "audio").glob("*.wav"):
+        scipy.io.wavfile.write(f, 8000, noise)
+    flags = ["--data", str(root), "--sample-rate", "8000", "--clip-seconds", "1", "--kfold", "2", "--epochs", "2",
+             "--dim", "16", "--batch-size", "8", "--mixup", "0", "--no-shift", "--gain-db", "0", "--dropout", "0",
+             "--precision", "fp32", "--threads", "1"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(torchrun + [str(HERE / "audiotx.py"), *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(flags + ["--out", str(tmp_path / "one")], env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = tmp_path / "one" / "transformer-h2-test1-k2", tmp_path / "two" / "transformer-h2-test1-k2"
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(a) == files(b) and "metrics.json" in files(b)  # rank 0 wrote each file once, nothing more
+    assert two.stdout.count("fold 1/2 epoch") == 2  # one copy of the progress, from rank 0
+    assert json.loads((b / "config.json").read_text())["processes"] == 2
+    for fold in (1, 2):
+        h1, h2 = (read_rows(d / f"fold{fold}" / "history.csv") for d in (a, b))
+        for r1, r2 in zip(h1, h2, strict=True):
+            assert r1["train_acc"] == r2["train_acc"] and r1["val_acc"] == r2["val_acc"]
+            for key in ("train_loss", "val_loss"):
+                assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-4)
+    p1, p2 = read_rows(a / "predictions.csv"), read_rows(b / "predictions.csv")
+    assert [r["filename"] for r in p1] == [r["filename"] for r in p2]
+    for r1, r2 in zip(p1, p2):
+        assert [float(r1[k]) for k in r1 if k.startswith("p_")] == pytest.approx(
+            [float(r2[k]) for k in r2 if k.startswith("p_")], abs=1e-4)
