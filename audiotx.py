@@ -978,8 +978,11 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
 
 
 def suggest_lr(rows) -> float:
-    """A tenth of the learning rate where the smoothed loss is lowest: still on the falling slope."""
-    return float(min(rows, key=lambda r: r["smoothed"])["lr"] / 10)
+    """Half the learning rate at the smoothed loss's minimum. Smith (2018) puts one-cycle's peak
+    just below where the loss stops falling; the half leaves room for a 200-step test's noise.
+    A tenth of it (fastai's rule for constant rates) trained 3.4 points worse here, and the
+    steepest descent moved 6x between two runs that differed only in thread count."""
+    return float(min(rows, key=lambda r: r["smoothed"])["lr"] / 2)
 
 
 @torch.no_grad()
@@ -2033,7 +2036,7 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
     print(f"LR range test ({path}, {len(rows)} steps): suggested peak learning rate {lr:.3g} "
-          "(a tenth of the learning rate at the smoothed loss's minimum)")
+          "(half the learning rate at the smoothed loss's minimum)")
     return lr
 
 
