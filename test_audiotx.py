@@ -446,9 +446,9 @@ def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
     assert not torch.equal(a, b) and ((a == 0) & (b == 0)).float().mean().item() == pytest.approx(0.01, abs=0.002)
 
 
-def test_suggested_lr_is_half_the_smoothed_minimum():
+def test_suggested_lr_is_at_the_smoothed_minimum():
     rows = [{"lr": lr, "smoothed": s} for lr, s in [(1e-4, 2.3), (1e-3, 2.0), (1e-2, 1.2), (1e-1, 1.5), (1, 9.0)]]
-    assert audiotx.suggest_lr(rows) == pytest.approx(5e-3)
+    assert audiotx.suggest_lr(rows) == pytest.approx(1e-2)
 
 
 # ---- end to end ----
