@@ -75,7 +75,7 @@ class Config:
     dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
     subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
     sample_rate: int = 16000         # Hz after resampling
-    features: str = "wave"           # wave | logmel: what the conv front end reads (logmel: 64 bands as channels)
+    features: str = "wave"           # wave | logwave | logmel: the front end reads the waveform (logwave: its stem's output log-compressed) or 64 mel bands
     clip_seconds: float = 5.0        # clips are padded or cropped to this length
     # splits
     test_fold: int = 1               # official fold held out as the test set; 0 = none
@@ -112,7 +112,7 @@ class Config:
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
                     "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
-CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logmel"], "subset": ["esc10", "esc50"],
+CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -657,6 +657,9 @@ class ConvFrontEnd(nn.Module):
         # time while widening the channels. Coarser stems (stride 32 pooled by 2, stride 64 unpooled)
         # cut an epoch by 16-21% but lost 2-5 points of validation accuracy, so this one stays.
         self.mel = LogMel(sample_rate=sample_rate) if features == "logmel" else None
+        # logwave: the stem's filters as a learnable filterbank, its output the log of each band's
+        # rectified magnitude, max-pooled; log-mel input's edge over the waveform is that log
+        self.log_stem = features == "logwave"
         if self.mel is None:
             plan = [(1, dim // 4, 64, 16, 4), (dim // 4, dim // 2, 3, 1, 4), (dim // 2, dim, 3, 1, 4),
                     (dim, dim, 3, 1, 2)]
@@ -685,12 +688,14 @@ class ConvFrontEnd(nn.Module):
         x, n = (self.mel(wave), None if lengths is None else lengths // self.mel.hop + 1) if self.mel \
             else (wave.unsqueeze(1), lengths)  # (B, n_mels, frames) or (B, 1, S)
         x = x if n is None else x * within(n, x.shape[-1])
-        for conv, norm, (*_, k, s, pool) in zip(self.convs, self.norms, self.plan):
+        for i, (conv, norm, (*_, k, s, pool)) in enumerate(zip(self.convs, self.norms, self.plan)):
             x = conv(x)  # (B, C, L)
+            x = x.abs() if self.log_stem and i == 0 else x
             # Max-pool first, so normalisation and ReLU touch a quarter of the values. max() over a
             # reshape is max_pool1d (non-overlapping windows, remainder dropped) at about half the cost.
             if pool > 1:
                 x = x[..., :x.shape[-1] // pool * pool].unflatten(2, (-1, pool)).max(-1).values  # (B, C, L / pool)
+            x = torch.log(x.float() + 1e-4) if self.log_stem and i == 0 else x  # 1e-4: below 16-bit quiet
             x = F.relu(norm(x))
             if n is not None:
                 n = ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool

@@ -214,6 +214,21 @@ def test_mel_filterbank_and_log_mel_find_a_tone():
         assert abs(int(row.mean(1).argmax()) - int(np.abs(centres - f).argmin())) <= 1
 
 
+def test_logwave_stem_turns_a_gain_into_a_shift():
+    """--features logwave: the stem's output is the log of its bands' magnitudes, so 40 dB more
+    gain adds log(100) to every value reaching the first BatchNorm, where the plain stem scales."""
+    torch.manual_seed(0)
+    wave = 0.1 * torch.randn(2, 16000)
+    for features, expect in [("logwave", lambda a, b: torch.testing.assert_close(b - a, torch.full_like(a, math.log(100)),
+                                                                                rtol=0, atol=0.05)),
+                             ("wave", lambda a, b: torch.testing.assert_close(b, 100 * a))]:
+        front, seen = audiotx.ConvFrontEnd(dim=16, features=features).eval(), []
+        front.norms[0].register_forward_hook(lambda module, inputs, out: seen.append(inputs[0]))
+        with torch.no_grad():
+            front(wave), front(100 * wave)
+        expect(*seen)
+
+
 def burst_clip(generator, freq, start, n_samples=32000, rate=16000, length=4000):
     """Noise with a 0.25 s tone burst at sample `start`."""
     wave = 0.05 * torch.randn(n_samples, generator=generator)
@@ -920,7 +935,7 @@ def test_urbansound8k_layout_clips_of_many_lengths_train(tmp_path, monkeypatch, 
     assert audiotx.main(["--data", str(write_dataset(tmp_path / "esc")), "--dataset", "urbansound8k"]) == 2
 
 
-@pytest.mark.parametrize("features", ["wave", "logmel"])
+@pytest.mark.parametrize("features", ["wave", "logwave", "logmel"])
 @pytest.mark.parametrize("arch", ["cnn", "transformer"])
 def test_padding_never_changes_the_logits(arch, features):
     torch.manual_seed(0)
