@@ -674,10 +674,14 @@ class ConvFrontEnd(nn.Module):
 
     def out_len(self, n_samples):
         """Frames out of n samples (an int, or a tensor of clip lengths): those a clip fills."""
-        n = n_samples // self.mel.hop + 1 if self.mel else n_samples
+        n = self.input_len(n_samples)
         for _, _, k, s, pool in self.plan:
-            n = ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
+            n = layer_len(n, k, s, pool)
         return n
+
+    def input_len(self, n_samples):
+        """Positions of the first layer's input: samples, or mel frames."""
+        return n_samples // self.mel.hop + 1 if self.mel else n_samples
 
     def forward(self, wave, lengths=None):
         """wave (B, S) -> (features (B, T, C), None), or with the clips' lengths (B,) in samples,
@@ -686,8 +690,8 @@ class ConvFrontEnd(nn.Module):
         however long the padding and whatever it holds."""
         if lengths is not None:
             wave = wave * (torch.arange(wave.shape[1], device=wave.device) < lengths[:, None])
-        x, n = (self.mel(wave), None if lengths is None else lengths // self.mel.hop + 1) if self.mel \
-            else (wave.unsqueeze(1), lengths)  # (B, n_mels, frames) or (B, 1, S)
+        x = self.mel(wave) if self.mel else wave.unsqueeze(1)  # (B, n_mels, frames) or (B, 1, S)
+        n = None if lengths is None else self.input_len(lengths)
         x = x if n is None else x * within(n, x.shape[-1])
         for i, (conv, norm, (*_, k, s, pool)) in enumerate(zip(self.convs, self.norms, self.plan)):
             x = conv(x)  # (B, C, L)
@@ -699,10 +703,15 @@ class ConvFrontEnd(nn.Module):
             x = torch.log(x.float() + 1e-4) if self.log_stem and i == 0 else x  # 1e-4: below 16-bit quiet
             x = F.relu(norm(x))
             if n is not None:
-                n = ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
+                n = layer_len(n, k, s, pool)
                 x = x * within(n, x.shape[-1])
         # (B, C, T) -> (B, T, C); a clip too short to fill one frame keeps its first
         return x.transpose(1, 2), None if n is None else n.clamp_min(1)
+
+
+def layer_len(n, k: int, s: int, pool: int):
+    """Positions out of a conv layer (kernel k, stride s, padding (k - s) // 2) and its max-pool."""
+    return ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
 
 
 def within(n, length: int):
