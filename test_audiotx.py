@@ -874,6 +874,9 @@ def test_bench_writes_a_row_per_architecture(tmp_path, capsys):
                                                                 ("transformer", 2), ("transformer", 4)]
     assert all(r["train_clips_per_s"] > 0 and r["fwd_mflops_per_clip"] > 0 for r in bench["rows"])
     assert bench["matmul_gflops"] > 0 and "matrix product" in out
+    # the grid: each row's default command with fold 1 held out, plus 5/4 of it over all 400 clips
+    each = sum(r["s_per_epoch"] for r in bench["rows"]) * 4 * 1 / 60  # --kfold 4, --epochs 1, in minutes
+    assert bench["grid_min"] == pytest.approx(each * (1 + 400 / 320))
 
 
 def test_a_wandb_failure_is_one_warning_and_training_goes_on(quick, capsys, monkeypatch):
