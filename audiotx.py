@@ -21,6 +21,7 @@ command trains in 5:50 to validation accuracy 0.847 and fold-1 test 0.741 (ensem
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -71,6 +72,7 @@ class Config:
     depth: int = 2                   # attention blocks (>= 2)
     dim: int = 128                   # channels out of the front end = transformer width
     dropout: float = 0.1             # in attention, MLPs and heads
+    positions: str = "learned"       # learned | none: the transformer's position embedding (none: attention sees a set of frames)
     # data
     data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
     dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
@@ -88,9 +90,11 @@ class Config:
     weight_decay: float = 0.05       # AdamW, on weight matrices only
     schedule: str = "onecycle"       # onecycle | cosine | constant
     label_smoothing: float = 0.1     # share of each target spread over all classes
+    ema: float = 0.0                 # validate and keep a moving average of the weights with this decay per step; 0 = off
     mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
+    stretch: float = 0.0             # each batch played back at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -113,7 +117,7 @@ class Config:
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
                     "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
-CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
+CHOICES = {"arch": ["cnn", "transformer"], "positions": ["learned", "none"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -190,6 +194,10 @@ def check_config(cfg: Config):
         raise UserError("--lr auto needs the training clips; --bench times random ones (give --lr a number)")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
+    if not 0 <= cfg.ema < 1:
+        raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if not 0 <= cfg.stretch < 0.5:
+        raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
     if cfg.batch_size < 2 * PROC.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
                         f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
@@ -604,6 +612,8 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
     elif cfg.shift:  # each clip shifted within its own length, so the padding stays after its end
         shifts = (torch.rand(B) * lengths.cpu()).long().tolist()
         wave = torch.stack([torch.cat([w[:n].roll(-k), w[n:]]) for w, n, k in zip(wave, lengths.tolist(), shifts)])
+    if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
+        wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
         wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
     if cfg.mixup:
@@ -613,6 +623,16 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
+
+
+def resample(wave, speed: float, lengths=None):
+    """Play wave (B, S) back `speed` times as fast, by linear interpolation, cut or zero-padded
+    back to S samples: every frequency times speed, every duration over it. -> (wave, lengths)."""
+    B, S = wave.shape
+    n = max(2, round(S / speed))
+    out = F.interpolate(wave[:, None], size=n, mode="linear", align_corners=True)[:, 0]  # (B, n)
+    out = F.pad(out, (0, S - n)) if n < S else out[:, :S]
+    return out, None if lengths is None else (lengths / speed).long().clamp(1, S)
 
 
 # ----------------------------------------------------------------------------------------
@@ -809,12 +829,12 @@ class AudioTransformer(nn.Module):
     """Front end, <cls> + positions, attention blocks, MLP head: wave (B, S) -> logits (B, K)."""
 
     def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int, dropout: float,
-                 features: str = "wave", sample_rate: int = 16000):
+                 features: str = "wave", sample_rate: int = 16000, positions: str = "learned"):
         super().__init__()
         self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
         n_tokens = self.front.out_len(n_samples) + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02) if positions == "learned" else None
         self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout) for _ in range(depth))
         self.ln = nn.LayerNorm(dim)
@@ -824,7 +844,7 @@ class AudioTransformer(nn.Module):
         x, n = self.front(wave, lengths)  # (B, T, C), None or (B,) filled frames
         keep = None if n is None else F.pad(within(n, x.shape[1])[:, 0], (1, 0), value=True)  # (B, 1 + T)
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + T, C), <cls> at 0
-        x = self.drop(x + self.pos[:, :x.shape[1]])
+        x = self.drop(x if self.pos is None else x + self.pos[:, :x.shape[1]])
         for block in self.blocks:
             x = block(x, keep)
         return self.head(self.ln(x[:, 0]))  # the <cls> output -> (B, K)
@@ -839,7 +859,7 @@ def build_model(cfg: Config, n_classes: int) -> nn.Module:
     if cfg.arch == "cnn":
         return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout, **inputs)
     return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,
-                            n_samples=n_samples, dropout=cfg.dropout, **inputs)
+                            n_samples=n_samples, dropout=cfg.dropout, positions=cfg.positions, **inputs)
 
 
 def count_params(model: nn.Module) -> dict:
@@ -926,10 +946,29 @@ def n_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
+class EMA:
+    """A moving average of a model's weights, updated after every step (Polyak averaging), with
+    the model's BatchNorm statistics copied. The decay ramps up as (1 + n) / (10 + n) over the
+    first steps, so the random start is soon forgotten."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        model = getattr(model, "module", model)  # the module inside DDP
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+
+
+def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None, ema=None):
     """One pass over idx in the random order drawn from the generator `order` (the same in every
-    process); each process trains on its share of every batch. Returns (mean loss, accuracy
-    against the dominant target) over the whole pass."""
+    process); each process trains on its share of every batch, and `ema` (an EMA or None) follows
+    the weights. Returns (mean loss, accuracy against the dominant target) over the whole pass."""
     model.train()
     perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     loss_sum = correct = 0.0
@@ -941,6 +980,8 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
                                   scale=len(mine) * PROC.world / len(chunk))
+        if ema:
+            ema.update(model)
         step += 1
         loss_sum += loss * len(mine)
         correct += (logits.argmax(1) == target.argmax(1)).sum().item()
@@ -1100,9 +1141,13 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
     state = load_state(state_path, cfg)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        if ema:
+            ema.model.load_state_dict(state["ema"])
+            ema.steps = state["ema_steps"]
         order.set_state(state.get("order", order.get_state()))
         set_rng_state(state["rng"], state_path)
         print(f"fold {fold}: resuming after epoch {state['epoch']}")
@@ -1119,8 +1164,9 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         t0 = time.time()
         lr = lr_at(cfg, (epoch - 1) * steps, steps * cfg.epochs)
         tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes,
-                                      (epoch - 1) * steps, steps * cfg.epochs, order, lengths)
-        va_loss, va_acc, _ = evaluate(model, val_w, val_y, cfg.precision, val_n)
+                                      (epoch - 1) * steps, steps * cfg.epochs, order, lengths, ema)
+        judged = ema.model if ema else model  # the weights validated, chosen and tested
+        va_loss, va_acc, _ = evaluate(judged, val_w, val_y, cfg.precision, val_n)
         row = {"epoch": epoch, "lr": lr, "train_loss": tr_loss, "train_acc": tr_acc,
                "val_loss": va_loss, "val_acc": va_acc, "seconds": time.time() - t0}
         state["history"].append(row)
@@ -1128,9 +1174,11 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         # Chosen on validation only: highest accuracy, ties to the lower validation loss.
         if best is None or (va_acc, -va_loss) > (best["val_acc"], -best["val_loss"]):
             state["best"] = {"epoch": epoch, "val_acc": va_acc, "val_loss": va_loss,
-                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                             "model": {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}}
         state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), order=order.get_state(),
                      rng=rng_states())
+        if ema:
+            state.update(ema=ema.model.state_dict(), ema_steps=ema.steps)
         save_atomic(state, state_path)
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)

@@ -143,6 +143,26 @@ def tiny_transformer(heads=2, n_classes=3):
                                     dropout=0.1).eval()
 
 
+def test_without_positions_the_transformer_reads_a_set_of_frames():
+    """--positions none: reordering the front end's frames leaves the <cls> logits unchanged
+    (attention is permutation-equivariant and <cls> reads a weighted sum); learned positions
+    make the order matter."""
+    wave, perm = torch.randn(2, 8192), torch.tensor([2, 0, 3, 1])
+    for positions, order_matters in (("none", False), ("learned", True)):
+        torch.manual_seed(0)
+        model = audiotx.AudioTransformer(dim=16, heads=2, depth=2, n_classes=3, n_samples=8192, dropout=0.1,
+                                         positions=positions).eval()
+        front = model.front.forward
+        with torch.no_grad():
+            x, _ = front(wave)
+            assert x.shape[1] == 4
+            out = model(wave)
+            model.front.forward = lambda w, n=None: (front(w, n)[0][:, perm], None)
+            moved = model(wave)
+        assert (model.pos is not None) == order_matters
+        assert torch.allclose(out, moved, atol=1e-5) != order_matters
+
+
 def test_cls_token_is_position_zero_and_reaches_the_head():
     model = tiny_transformer()
     seen = {}
@@ -447,6 +467,50 @@ def test_augment_keeps_shapes_and_mixes_targets():
     assert (n >= lengths).all() and set(n.tolist()) <= set(lengths.tolist())  # a mixed pair fills the longer's
 
 
+def test_resample_scales_every_frequency_and_duration_by_the_speed():
+    """--stretch: a tone played 1.1x as fast peaks at 1.1x its frequency (numpy's FFT as the
+    reference), a burst ends 1/1.1 as late, the clip keeps its sample count, and lengths follow."""
+    rate, n = 16000, 16000
+    t = torch.arange(n) / rate
+    tone = torch.sin(2 * math.pi * 1000 * t) * (t < 0.5)  # 0.5 s of 1 kHz, then silence
+    for speed in (0.9, 1.1):
+        out, lengths = audiotx.resample(tone[None], speed, torch.tensor([8000]))
+        assert out.shape == (1, n)
+        peak = np.fft.rfftfreq(n, 1 / rate)[np.abs(np.fft.rfft(out[0].numpy())).argmax()]
+        assert peak == pytest.approx(1000 * speed, abs=2)
+        end = int(torch.nonzero(out[0].abs() > 1e-3).max())  # where the burst now ends
+        assert end == pytest.approx(8000 / speed, abs=3) and int(lengths) == int(8000 / speed)
+    torch.testing.assert_close(audiotx.resample(tone[None], 1.0)[0], tone[None])
+    # through augment, one speed per batch, shapes kept; a batch played slower never outgrows its clips
+    torch.manual_seed(0)
+    cfg = audiotx.Config(mixup=0, gain_db=0, shift=False, stretch=0.2)
+    lengths = torch.tensor([16000, 4000])
+    wave, _, m = audiotx.augment(torch.stack([tone, tone]), torch.zeros(2, dtype=torch.long), 3, cfg, lengths)
+    assert wave.shape == (2, n) and (m <= n).all() and not torch.equal(m, lengths)
+
+
+def test_ema_follows_the_weights_with_its_ramped_decay():
+    """--ema: after n updates towards weights held at 1 from 0, the average is 1 - prod(decay_i),
+    decay_i = min(d, (1 + i) / (10 + i)), computed here step by step; BatchNorm statistics are copied."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ema = audiotx.EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[1].running_mean.fill_(5.0)
+    left = 1.0  # the share of the starting weights still in the average
+    for i in range(1, 31):
+        ema.update(model)
+        left *= min(0.9, (1 + i) / (10 + i))
+        for p in ema.model.parameters():
+            torch.testing.assert_close(p, torch.full_like(p, 1 - left))
+    assert 0 < left < 0.1 and torch.equal(ema.model[1].running_mean, model[1].running_mean)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
 def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
     torch.manual_seed(0)
     drop, x = audiotx.Dropout(0.25), torch.ones(200_000)
@@ -660,6 +724,7 @@ def test_a_class_missing_from_a_training_fold_is_refused(quick, capsys):
     (["--test-fold", "9"], "--test-fold 9"), (["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
     (["--dim", "0"], "--dim"), (["--arch", "rnn"], "--arch"), (["--depth", "1"], "--depth"),
     (["--features", "mfcc"], "--features"), (["--precision", "fp16"], "--precision"), (["--lr", "-1"], "--lr"),
+    (["--stretch", "0.7"], "--stretch"), (["--ema", "1"], "--ema"), (["--positions", "rope"], "--positions"),
     (["--bench", "--lr", "auto"], "--lr auto"),
 ])
 def test_impossible_flags_are_refused(quick, capsys, flags, culprit):
@@ -675,10 +740,11 @@ def test_debug_shows_the_traceback(quick):
 
 # ---- interruptions ----
 
-def test_killed_run_resumes_to_identical_metrics(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]])  # with --ema its average must be saved and restored too
+def test_killed_run_resumes_to_identical_metrics(tmp_path, extra):
     root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=2)
     args = ["--data", str(root), "--kfold", "2", "--epochs", "40", "--dim", "16", "--sample-rate", "8000",
-            "--clip-seconds", "1", "--batch-size", "4", "--threads", "1"]
+            "--clip-seconds", "1", "--batch-size", "4", "--threads", "1", *extra]
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     ref = run_cli(args + ["--out", str(tmp_path / "ref")], env_extra=env)
     assert ref.returncode == 0, ref.stderr
