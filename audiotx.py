@@ -16,8 +16,8 @@ predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases
 commands that produced them. Headline, 2-core CPU, seed 0, fold 1 held out: the default
 command trains in 5:50 to validation accuracy 0.847 and fold-1 test 0.741 (ensemble 0.775);
 `--features logwave` (still the waveform) reaches 0.881 and 0.809 (ensemble 0.863) in 6:59, and
-with `--stretch 0.1` 0.885 pooled over the official 5 folds (EnvNet: 0.872); `--arch cnn
---features logmel` reaches validation 0.922 and fold-1 test 0.838 (ensemble 0.887).
+0.865-0.885 pooled over the official 5 folds (two seeds; EnvNet: 0.872); `--arch cnn --features
+logmel` reaches validation 0.922 and fold-1 test 0.838 (ensemble 0.887).
 """
 
 import argparse
