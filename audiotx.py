@@ -73,13 +73,13 @@ class Config:
     depth: int = 2                   # attention blocks (>= 2)
     dim: int = 128                   # channels out of the front end = transformer width
     dropout: float = 0.1             # in attention, MLPs and heads
-    positions: str = "learned"       # learned | none: the transformer's position embedding (none: attention sees a set of frames)
+    positions: str = "learned"       # learned | none: transformer position embedding (none: a set of frames)
     # data
     data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
     dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
     subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
     sample_rate: int = 16000         # Hz after resampling
-    features: str = "wave"           # wave | logwave | logmel: the front end reads the waveform (logwave: its stem's output log-compressed) or 64 mel bands
+    features: str = "wave"           # wave | logwave (the stem's output log-compressed) | logmel (64 mel bands)
     clip_seconds: float = 5.0        # clips are padded or cropped to this length
     # splits
     test_fold: int = 1               # official fold held out as the test set; 0 = none
@@ -91,11 +91,11 @@ class Config:
     weight_decay: float = 0.05       # AdamW, on weight matrices only
     schedule: str = "onecycle"       # onecycle | cosine | constant
     label_smoothing: float = 0.1     # share of each target spread over all classes
-    ema: float = 0.0                 # validate and keep a moving average of the weights with this decay per step; 0 = off
+    ema: float = 0.0                 # validate and keep a moving average of the weights, this decay per step; 0 = off
     mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
-    stretch: float = 0.0             # each batch played back at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
+    stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -118,7 +118,8 @@ class Config:
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
                     "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
-CHOICES = {"arch": ["cnn", "transformer"], "positions": ["learned", "none"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
+CHOICES = {"arch": ["cnn", "transformer"], "positions": ["learned", "none"], "features": ["wave", "logwave", "logmel"],
+           "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
