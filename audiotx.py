@@ -96,6 +96,7 @@ class Config:
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
+    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -200,6 +201,8 @@ def check_config(cfg: Config):
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
+    if cfg.crop < 0 or cfg.crop * cfg.sample_rate > cfg.clip_seconds * cfg.sample_rate:
+        raise UserError(f"--crop must be in [0, --clip-seconds {cfg.clip_seconds}], got {cfg.crop}")
     if cfg.batch_size < 2 * PROC.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
                         f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
@@ -605,15 +608,11 @@ def load_dataset(cfg: Config) -> Dataset:
 
 def augment(wave, labels, n_classes, cfg: Config, lengths=None):
     """Batch augmentation with tensor ops: wave (B, S), labels (B,), lengths (B,) or None ->
-    wave (B, S), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
-    B, S = wave.shape
+    wave (B, S, or --crop's samples), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
+    B = len(wave)
     target = F.one_hot(labels, n_classes).float()
-    if cfg.shift and lengths is None:  # ESC clips are padded with silence, so a circular shift keeps them natural
-        # one roll per clip: a fifth of the time of gathering through a (B, S) index
-        wave = torch.stack([w.roll(-int(k)) for w, k in zip(wave, torch.randint(0, S, (B,)))])
-    elif cfg.shift:  # each clip shifted within its own length, so the padding stays after its end
-        shifts = (torch.rand(B) * lengths.cpu()).long().tolist()
-        wave = torch.stack([torch.cat([w[:n].roll(-k), w[n:]]) for w, n, k in zip(wave, lengths.tolist(), shifts)])
+    if cfg.shift or cfg.crop:
+        wave, lengths = shift_crop(wave, round(cfg.crop * cfg.sample_rate), lengths)
     if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
         wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
@@ -625,6 +624,27 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
+
+
+def shift_crop(wave, crop: int = 0, lengths=None):
+    """Roll each clip of wave (B, S) by a random amount within its own length (ESC clips are padded
+    with silence, so a circular shift keeps them natural); with crop > 0 keep the first `crop`
+    samples, the roll chosen so they hold the clip's loudest sample (a window of silence would
+    carry a label it cannot show). -> (wave (B, crop or S), lengths (B,) or None)."""
+    B, S = wave.shape
+    n = torch.full((B,), S) if lengths is None else lengths.cpu()
+    if crop:  # a start up to one window before the peak, so the peak falls inside the window
+        peak = wave.abs().argmax(1).cpu()  # padding is zeros: the peak is within the clip
+        k = (peak - (torch.rand(B) * n.clamp(max=crop)).long()) % n
+    else:  # (the same draws as before --crop existed, so earlier seeds reproduce)
+        k = torch.randint(0, S, (B,)) if lengths is None else (torch.rand(B) * n).long()
+    if lengths is None:  # one roll per clip: a fifth of the time of gathering through a (B, S) index
+        wave = torch.stack([w.roll(-j) for w, j in zip(wave, k.tolist())])
+    else:  # the padding stays after each clip's end
+        wave = torch.stack([torch.cat([w[:m].roll(-j), w[m:]]) for w, m, j in zip(wave, n.tolist(), k.tolist())])
+    if crop:
+        wave, lengths = wave[:, :crop], None if lengths is None else lengths.clamp(max=crop)
+    return wave, lengths
 
 
 def resample(wave, speed: float, lengths=None):

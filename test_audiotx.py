@@ -470,6 +470,36 @@ def test_augment_keeps_shapes_and_mixes_targets():
     assert (n >= lengths).all() and set(n.tolist()) <= set(lengths.tolist())  # a mixed pair fills the longer's
 
 
+def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
+    """--crop: each row is `crop` consecutive samples of its clip read circularly (of its own
+    length, when it has one), the clip's loudest sample among them, the windows' starts vary."""
+    torch.manual_seed(0)
+    S, crop, B = 100, 30, 64
+    wave = torch.rand(B, S) * 0.5
+    peaks = torch.randint(0, S, (B,))
+    wave[torch.arange(B), peaks] = 1.0 + torch.arange(B) / B  # a unique loudest sample per clip
+    cfg = audiotx.Config(mixup=0, gain_db=0, crop=crop / 16000)
+    out, _, n = audiotx.augment(wave, torch.zeros(B, dtype=torch.long), 3, cfg)
+    assert out.shape == (B, crop) and n is None
+    starts = []
+    for row, clip, p in zip(out, wave, peaks.tolist()):
+        k = int(torch.nonzero(clip == row[0])[0])  # the values are distinct, so the start is unique
+        assert torch.equal(row, clip.roll(-k)[:crop]) and clip[p] in row
+        starts.append(k)
+    assert len(set(starts)) > B // 4
+    # with lengths: the window is read within each clip's own length; a clip shorter than it keeps its padding
+    lengths = torch.tensor([100, 60, 20] * 4)
+    padded = wave[:12] * (torch.arange(S) < lengths[:, None])
+    out, _, n = audiotx.augment(padded, torch.zeros(12, dtype=torch.long), 3, cfg, lengths)
+    assert torch.equal(n, lengths.clamp(max=crop))
+    for row, clip, m in zip(out, padded, lengths.tolist()):
+        k = int(torch.nonzero(clip == row[0])[0])
+        assert torch.equal(row[:min(m, crop)], clip[:m].roll(-k)[:crop]) and row[m:].abs().sum() == 0
+        assert clip[:m].max() in row
+    with pytest.raises(audiotx.UserError, match="--crop"):
+        audiotx.check_config(audiotx.Config(crop=6))
+
+
 def test_resample_scales_every_frequency_and_duration_by_the_speed():
     """--stretch: a tone played 1.1x as fast peaks at 1.1x its frequency (numpy's FFT as the
     reference), a burst ends 1/1.1 as late, the clip keeps its sample count, and lengths follow."""
