@@ -201,7 +201,7 @@ def check_config(cfg: Config):
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
-    if cfg.crop < 0 or cfg.crop * cfg.sample_rate > cfg.clip_seconds * cfg.sample_rate:
+    if not 0 <= cfg.crop <= cfg.clip_seconds:
         raise UserError(f"--crop must be in [0, --clip-seconds {cfg.clip_seconds}], got {cfg.crop}")
     if cfg.batch_size < 2 * PROC.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
@@ -875,9 +875,11 @@ class AudioTransformer(nn.Module):
 def build_model(cfg: Config, n_classes: int) -> nn.Module:
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     inputs = {"features": cfg.features, "sample_rate": cfg.sample_rate}
-    if ConvFrontEnd(dim=cfg.dim, **inputs).out_len(n_samples) < 1:
-        raise UserError(f"--clip-seconds {cfg.clip_seconds} at --sample-rate {cfg.sample_rate} is too short "
-                        f"for the {cfg.features} front end (it needs at least 2048 samples)")
+    front = ConvFrontEnd(dim=cfg.dim, **inputs)
+    for flag, seconds in (("--clip-seconds", cfg.clip_seconds), ("--crop", cfg.crop or cfg.clip_seconds)):
+        if front.out_len(round(cfg.sample_rate * seconds)) < 1:
+            raise UserError(f"{flag} {seconds} at --sample-rate {cfg.sample_rate} is too short "
+                            f"for the {cfg.features} front end (it needs at least 2048 samples)")
     if cfg.arch == "cnn":
         return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout, **inputs)
     return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,

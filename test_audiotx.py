@@ -498,6 +498,9 @@ def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
         assert clip[:m].max() in row
     with pytest.raises(audiotx.UserError, match="--crop"):
         audiotx.check_config(audiotx.Config(crop=6))
+    with pytest.raises(audiotx.UserError, match="--crop 0.1 "):  # 1,600 samples: no frame out of the front end
+        audiotx.build_model(audiotx.Config(crop=0.1), 10)
+    audiotx.build_model(audiotx.Config(crop=0.13), 10)  # 2,080 samples make one frame
 
 
 def test_resample_scales_every_frequency_and_duration_by_the_speed():
