@@ -79,7 +79,7 @@ class Config:
     dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
     subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
     sample_rate: int = 16000         # Hz after resampling
-    features: str = "wave"           # wave | logwave (the stem's output log-compressed) | logmel (64 mel bands)
+    features: str = "logwave"        # wave | logwave (the stem's output log-compressed) | logmel (64 mel bands)
     clip_seconds: float = 5.0        # clips are padded or cropped to this length
     # splits
     test_fold: int = 1               # official fold held out as the test set; 0 = none
@@ -96,7 +96,7 @@ class Config:
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
-    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
+    crop: float = 3.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -201,8 +201,8 @@ def check_config(cfg: Config):
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
-    if not 0 <= cfg.crop <= cfg.clip_seconds:
-        raise UserError(f"--crop must be in [0, --clip-seconds {cfg.clip_seconds}], got {cfg.crop}")
+    if cfg.crop < 0:
+        raise UserError(f"--crop must be >= 0 (0 = whole clips), got {cfg.crop}")
     if cfg.batch_size < 2 * PROC.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
                         f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
@@ -611,8 +611,8 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
     wave (B, S, or --crop's samples), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
     B = len(wave)
     target = F.one_hot(labels, n_classes).float()
-    if cfg.shift or cfg.crop:
-        wave, lengths = shift_crop(wave, round(cfg.crop * cfg.sample_rate), lengths)
+    if cfg.shift or crop_samples(cfg):
+        wave, lengths = shift_crop(wave, crop_samples(cfg), lengths)
     if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
         wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
@@ -624,6 +624,11 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
+
+
+def crop_samples(cfg: Config) -> int:
+    """--crop in samples; 0 (whole clips) where the window would not be shorter than the clip."""
+    return round(cfg.crop * cfg.sample_rate) if cfg.crop < cfg.clip_seconds else 0
 
 
 def shift_crop(wave, crop: int = 0, lengths=None):
@@ -876,8 +881,9 @@ def build_model(cfg: Config, n_classes: int) -> nn.Module:
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     inputs = {"features": cfg.features, "sample_rate": cfg.sample_rate}
     front = ConvFrontEnd(dim=cfg.dim, **inputs)
-    for flag, seconds in (("--clip-seconds", cfg.clip_seconds), ("--crop", cfg.crop or cfg.clip_seconds)):
-        if front.out_len(round(cfg.sample_rate * seconds)) < 1:
+    sizes = (("--clip-seconds", cfg.clip_seconds, n_samples), ("--crop", cfg.crop, crop_samples(cfg)))
+    for flag, seconds, n in sizes:
+        if n and front.out_len(n) < 1:
             raise UserError(f"{flag} {seconds} at --sample-rate {cfg.sample_rate} is too short "
                             f"for the {cfg.features} front end (it needs at least 2048 samples)")
     if cfg.arch == "cnn":

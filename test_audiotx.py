@@ -452,7 +452,8 @@ def test_augment_keeps_shapes_and_mixes_targets():
     assert torch.isfinite(silent).all() and silent.abs().max() == 0
     # shift alone: each row is its clip rotated by some amount, and the amounts differ
     wave = torch.arange(6 * 100.0).view(6, 100)
-    shifted, _, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0))
+    alone = audiotx.Config(mixup=0, gain_db=0, crop=0)
+    shifted, _, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, alone)
     amounts = [int(row[0] - start) % 100 for row, start in zip(shifted, wave[:, 0])]
     for row, clip, k in zip(shifted, wave, amounts):
         assert torch.equal(row, clip.roll(-k))
@@ -460,8 +461,7 @@ def test_augment_keeps_shapes_and_mixes_targets():
     # clips of their own lengths: each is rotated within its length, the padding after it stays put
     lengths = torch.tensor([100, 60, 30, 1, 100, 45])
     padded = wave * (torch.arange(100) < lengths[:, None])
-    shifted, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0, gain_db=0),
-                                    lengths)
+    shifted, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, alone, lengths)
     assert torch.equal(n, lengths)
     for row, clip, m in zip(shifted, padded, lengths.tolist()):
         k = int(row[0] - clip[0]) % m
@@ -496,8 +496,9 @@ def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
         k = int(torch.nonzero(clip == row[0])[0])
         assert torch.equal(row[:min(m, crop)], clip[:m].roll(-k)[:crop]) and row[m:].abs().sum() == 0
         assert clip[:m].max() in row
+    assert audiotx.crop_samples(audiotx.Config(crop=5)) == 0  # a window as long as the clip is the whole clip
     with pytest.raises(audiotx.UserError, match="--crop"):
-        audiotx.check_config(audiotx.Config(crop=6))
+        audiotx.check_config(audiotx.Config(crop=-1))
     with pytest.raises(audiotx.UserError, match="--crop 0.1 "):  # 1,600 samples: no frame out of the front end
         audiotx.build_model(audiotx.Config(crop=0.1), 10)
     audiotx.build_model(audiotx.Config(crop=0.13), 10)  # 2,080 samples make one frame
