@@ -1244,10 +1244,15 @@ def result_settings(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
 
 
+# What a run saved before a setting existed computed, where that is no longer the default.
+PREDATED = {"features": "wave", "crop": 0.0}
+
+
 def differences(saved: dict, cfg: Config) -> str:
     """Settings in which cfg differs from a saved run's, as flags ('' when none). A setting the
-    saved run predates counts as its default, so adding a field to Config keeps old runs valid."""
-    defaults = dataclasses.asdict(Config())
+    saved run predates counts as what it computed then (the default, or PREDATED's value), so
+    adding a field to Config keeps old runs valid."""
+    defaults = {**dataclasses.asdict(Config()), **PREDATED}
     return ", ".join(f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {v!r}"
                      for k, v in result_settings(cfg).items() if saved.get(k, defaults[k]) != v)
 

@@ -504,6 +504,16 @@ def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
     audiotx.build_model(audiotx.Config(crop=0.13), 10)  # 2,080 samples make one frame
 
 
+def test_a_run_saved_before_a_setting_existed_keeps_what_it_computed():
+    """Runs saved before --features and --crop existed read waveforms and trained on whole clips,
+    which are no longer the defaults: they match those settings, not the new defaults."""
+    saved = audiotx.result_settings(audiotx.Config(features="wave", crop=0.0))
+    del saved["features"], saved["crop"]
+    assert audiotx.differences(saved, audiotx.Config(features="wave", crop=0.0)) == ""
+    changed = audiotx.differences(saved, audiotx.Config())
+    assert "--features 'wave' -> 'logwave'" in changed and "--crop 0.0 -> 3.0" in changed
+
+
 def test_resample_scales_every_frequency_and_duration_by_the_speed():
     """--stretch: a tone played 1.1x as fast peaks at 1.1x its frequency (numpy's FFT as the
     reference), a burst ends 1/1.1 as late, the clip keeps its sample count, and lengths follow."""
