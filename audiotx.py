@@ -73,6 +73,7 @@ class Config:
     depth: int = 2                   # attention blocks (>= 2)
     dim: int = 128                   # channels out of the front end = transformer width
     dropout: float = 0.1             # in attention, MLPs and heads
+    drop_path: float = 0.0           # stochastic depth: each block's branches skipped per clip with this chance
     positions: str = "learned"       # learned | none: transformer position embedding (none: a set of frames)
     # data
     data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
@@ -93,6 +94,8 @@ class Config:
     label_smoothing: float = 0.1     # share of each target spread over all classes
     ema: float = 0.0                 # validate and keep a moving average of the weights, this decay per step; 0 = off
     mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
+    mix: str = "mixup"               # mixup | bc: between-class learning's uniform, sound-pressure-aware mix
+    mask: float = 0.0                # zero one random span of up to this share of each training clip; 0 = off
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
@@ -120,7 +123,7 @@ class Config:
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
                     "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
 CHOICES = {"arch": ["cnn", "transformer"], "positions": ["learned", "none"], "features": ["wave", "logwave", "logmel"],
-           "subset": ["esc10", "esc50"],
+           "subset": ["esc10", "esc50"], "mix": ["mixup", "bc"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
@@ -199,6 +202,8 @@ def check_config(cfg: Config):
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
     if not 0 <= cfg.ema < 1:
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if not (0 <= cfg.mask < 1 and 0 <= cfg.drop_path < 1):
+        raise UserError(f"--mask and --drop-path must be in [0, 1), got {cfg.mask} and {cfg.drop_path}")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
     if cfg.crop < 0:
@@ -617,13 +622,42 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
         wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
         wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
-    if cfg.mixup:
-        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1)).to(wave.device)  # (B, 1)
-        perm = torch.randperm(B)
-        wave = lam * wave + (1 - lam) * wave[perm]
+    if cfg.mask:
+        wave = time_mask(wave, cfg.mask)
+    if cfg.mixup:  # lam (B, 1): the first clip's share of the target
+        lam = (torch.rand(B, 1) if cfg.mix == "bc" else torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1)))
+        lam, perm = lam.to(wave.device), torch.randperm(B)
+        wave = bc_mix(wave, wave[perm], lam) if cfg.mix == "bc" else lam * wave + (1 - lam) * wave[perm]
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
+
+
+def time_mask(wave, share: float):
+    """Zero one span of each clip of wave (B, S), its length uniform in [0, share * S] and its
+    start uniform over the places it fits (a stretch the model must classify without)."""
+    B, S = wave.shape
+    width = (torch.rand(B, 1, device=wave.device) * share * S).long()  # (B, 1)
+    start = (torch.rand(B, 1, device=wave.device) * (S - width + 1)).long()
+    t = torch.arange(S, device=wave.device)  # (S,)
+    return wave.masked_fill((t >= start) & (t < start + width), 0.0)
+
+
+def sound_pressure_db(wave, frame: int = 1024):
+    """Each clip's loudest frame power in dB: wave (B, S) -> (B, 1)."""
+    B, S = wave.shape
+    frames = wave[:, :S // frame * frame].reshape(B, -1, frame) if S >= frame else wave[:, None]
+    return 10 * torch.log10(frames.float().pow(2).mean(2).amax(1, keepdim=True) + 1e-10)
+
+
+def bc_mix(a, b, r):
+    """Between-class learning's mix (Tokozume et al., ICLR 2018) of clips a, b (B, S) whose targets
+    mix in ratio r (B, 1): the waves mix in a ratio p that makes a's share *heard* as r despite
+    their loudness difference, p = 1 / (1 + 10^((G_a - G_b) / 20) (1 - r) / r), divided by
+    sqrt(p^2 + (1 - p)^2) to keep the power of two uncorrelated sounds."""
+    g = sound_pressure_db(a) - sound_pressure_db(b)  # (B, 1) dB
+    p = 1 / (1 + 10 ** (g / 20) * (1 - r) / r.clamp(min=1e-6))
+    return (p * a + (1 - p) * b) / (p ** 2 + (1 - p) ** 2).sqrt()
 
 
 def crop_samples(cfg: Config) -> int:
@@ -823,16 +857,25 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = SelfAttention(dim=dim, heads=heads, dropout=dropout)
         self.mlp = MLP(dim=dim, hidden=4 * dim, out=dim, dropout=dropout)
         self.drop = Dropout(dropout)
 
     def forward(self, x, keep=None):
-        x = x + self.drop(self.attn(self.ln1(x), keep))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + self.skip(self.drop(self.attn(self.ln1(x), keep)))
+        return x + self.skip(self.drop(self.mlp(self.ln2(x))))
+
+    def skip(self, branch):
+        """Stochastic depth: in training, each clip's branch (B, T, C) is dropped with chance
+        drop_path and the survivors scaled up, so the expected sum is the evaluated one."""
+        if not self.training or self.drop_path == 0:
+            return branch
+        kept = torch.rand(len(branch), 1, 1, device=branch.device) >= self.drop_path  # (B, 1, 1)
+        return branch * kept / (1 - self.drop_path)
 
 
 class CNNClassifier(nn.Module):
@@ -856,14 +899,16 @@ class AudioTransformer(nn.Module):
     """Front end, <cls> + positions, attention blocks, MLP head: wave (B, S) -> logits (B, K)."""
 
     def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int, dropout: float,
-                 features: str = "wave", sample_rate: int = 16000, positions: str = "learned"):
+                 features: str = "wave", sample_rate: int = 16000, positions: str = "learned",
+                 drop_path: float = 0.0):
         super().__init__()
         self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
         n_tokens = self.front.out_len(n_samples) + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02) if positions == "learned" else None
         self.drop = Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout, drop_path=drop_path)
+                                    for _ in range(depth))
         self.ln = nn.LayerNorm(dim)
         self.head = MLP(dim=dim, hidden=dim, out=n_classes, dropout=dropout)
 
@@ -889,7 +934,8 @@ def build_model(cfg: Config, n_classes: int) -> nn.Module:
     if cfg.arch == "cnn":
         return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout, **inputs)
     return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,
-                            n_samples=n_samples, dropout=cfg.dropout, positions=cfg.positions, **inputs)
+                            n_samples=n_samples, dropout=cfg.dropout, positions=cfg.positions,
+                            drop_path=cfg.drop_path, **inputs)
 
 
 def count_params(model: nn.Module) -> dict:

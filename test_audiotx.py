@@ -504,14 +504,56 @@ def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
     audiotx.build_model(audiotx.Config(crop=0.13), 10)  # 2,080 samples make one frame
 
 
+def test_time_mask_zeroes_one_span_per_clip():
+    torch.manual_seed(0)
+    wave = torch.rand(32, 200) + 0.5  # no zeros of its own
+    out = audiotx.time_mask(wave, 0.25)
+    widths = []
+    for row, clip in zip(out, wave):
+        zero = torch.nonzero(row == 0).flatten()
+        if len(zero):  # one contiguous span, everything else untouched
+            assert torch.equal(zero, torch.arange(int(zero[0]), int(zero[-1]) + 1))
+        assert torch.equal(row[row != 0], clip[row != 0])
+        widths.append(len(zero))
+    assert max(widths) <= 50 and len(set(widths)) > 8
+
+
+def test_between_class_mix_hears_the_target_ratio():
+    """Two tones 20 dB apart mixed for targets r = 0.5: the louder clip's wave share p solves
+    p / (1 - p) = r / (1 - r) * 10^(-20 / 20), i.e. 1/11; equal loudness gives p = r. The mix is
+    divided by sqrt(p^2 + (1 - p)^2)."""
+    t = torch.arange(4096) / 16000
+    loud = torch.sin(2 * torch.pi * 440 * t)[None]  # (1, 4096)
+    quiet = 0.1 * torch.sin(2 * torch.pi * 660 * t)[None]
+    for a, b, r, p in [(loud, quiet, 0.5, 1 / 11), (loud, loud.roll(7), 0.3, 0.3), (quiet, loud, 0.5, 10 / 11)]:
+        r = torch.tensor([[r]])
+        expect = (p * a + (1 - p) * b) / (p ** 2 + (1 - p) ** 2) ** 0.5
+        torch.testing.assert_close(audiotx.bc_mix(a, b, r), expect, atol=1e-3, rtol=1e-3)
+    mixed, target, _ = audiotx.augment(torch.randn(8, 4096), torch.arange(8) % 3, 3,
+                                       audiotx.Config(mix="bc", crop=0, gain_db=0))
+    assert mixed.shape == (8, 4096) and torch.allclose(target.sum(1), torch.ones(8))
+
+
+def test_stochastic_depth_drops_whole_branches_in_training_only():
+    torch.manual_seed(0)
+    block = audiotx.Block(dim=16, heads=2, drop_path=0.5)
+    plain = audiotx.Block(dim=16, heads=2)
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(1, 5, 16).expand(64, -1, -1)  # the same clip 64 times
+    torch.testing.assert_close(block.eval()(x), plain.eval()(x))  # evaluation: every branch, unscaled
+    out = block.train()(x).detach()
+    untouched = [torch.equal(row, x[0]) for row in out]  # both branches dropped
+    assert 4 < sum(untouched) < 32 and len({round(float(row.sum()), 4) for row in out}) >= 3
+
+
 def test_a_run_saved_before_a_setting_existed_keeps_what_it_computed():
     """Runs saved before --features and --crop existed read waveforms and trained on whole clips,
     which are no longer the defaults: they match those settings, not the new defaults."""
     saved = audiotx.result_settings(audiotx.Config(features="wave", crop=0.0))
-    del saved["features"], saved["crop"]
+    del saved["features"], saved["crop"], saved["mask"]
     assert audiotx.differences(saved, audiotx.Config(features="wave", crop=0.0)) == ""
     changed = audiotx.differences(saved, audiotx.Config())
-    assert "--features 'wave' -> 'logwave'" in changed and "--crop 0.0 -> 3.0" in changed
+    assert "--features 'wave' -> 'logwave'" in changed and "--crop 0.0 -> 3.0" in changed and "mask" not in changed
 
 
 def test_resample_scales_every_frequency_and_duration_by_the_speed():
