@@ -518,6 +518,15 @@ def test_time_mask_zeroes_one_span_per_clip():
     assert max(widths) <= 50 and len(set(widths)) > 8
 
 
+def test_noise_lands_within_the_asked_signal_to_noise_ratios():
+    torch.manual_seed(0)
+    wave = torch.randn(64, 16000) * torch.logspace(-2, 0, 64)[:, None]  # clips 40 dB apart at most
+    cfg = audiotx.Config(noise=10, crop=0, shift=False, gain_db=0, mixup=0)
+    out, _, _ = audiotx.augment(wave, torch.zeros(64, dtype=torch.long), 3, cfg)
+    snr = 10 * torch.log10(wave.pow(2).mean(1) / (out - wave).pow(2).mean(1))
+    assert snr.min() > 9.9 and snr.max() < 30.1 and snr.max() - snr.min() > 10  # spread over [10, 30] dB
+
+
 def test_between_class_mix_hears_the_target_ratio():
     """Two tones 20 dB apart mixed for targets r = 0.5: the louder clip's wave share p solves
     p / (1 - p) = r / (1 - r) * 10^(-20 / 20), i.e. 1/11; equal loudness gives p = r. The mix is
