@@ -2002,15 +2002,16 @@ def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def step_flops(model, wave, labels, n_classes) -> tuple:
-    """(forward FLOPs per clip, training-step FLOPs per clip), counted by torch's FlopCounterMode."""
+def step_flops(model, wave, labels, n_classes, window: int = 0) -> tuple:
+    """(forward FLOPs per whole clip, training-step FLOPs per clip on its first `window` samples,
+    --crop's, or the whole clip when 0), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fwd:
         model(wave[:1])
     model.train()
     with FlopCounterMode(display=False) as step:
-        F.cross_entropy(model(wave), F.one_hot(labels, n_classes).float()).backward()
+        F.cross_entropy(model(wave[:, :window or None]), F.one_hot(labels, n_classes).float()).backward()
     model.zero_grad(set_to_none=True)
     return fwd.get_total_flops(), step.get_total_flops() / len(wave)
 
@@ -2023,7 +2024,7 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     model = build_model(cfg, n_classes).to(PROC.device)
     opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
     batch = waves[:cfg.batch_size].to(PROC.device), labels[:cfg.batch_size].to(PROC.device)
-    fwd_flops, train_flops = step_flops(model, *batch, n_classes)
+    fwd_flops, train_flops = step_flops(model, *batch, n_classes, crop_samples(cfg))  # as train_epoch crops
     train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100, order)  # warm-up
     t0 = time.perf_counter()
     train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100, order)

@@ -1027,6 +1027,9 @@ def test_flop_count_matches_the_layers_worked_by_hand():
     head = 2 * (32 * 16 + 16 * 3)  # Linear(2 * dim, dim), Linear(dim, classes)
     assert fwd == convs + head
     assert 2 * fwd < train < 4 * fwd  # backward costs about twice the forward
+    # with --crop the training step reads the window (its first 4096 samples), the forward a whole clip
+    fwd_crop, train_crop = audiotx.step_flops(model, wave, labels, 3, window=4096)
+    assert fwd_crop == fwd and train_crop == audiotx.step_flops(model, wave[:, :4096], labels, 3)[1] < train
 
 
 def test_bench_writes_a_row_per_architecture(tmp_path, capsys):
