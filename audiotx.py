@@ -620,8 +620,9 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
     wave (B, S, or --crop's samples), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
     B = len(wave)
     target = F.one_hot(labels, n_classes).float()
-    if cfg.shift or crop_samples(cfg):
-        wave, lengths = shift_crop(wave, crop_samples(cfg), lengths)
+    crop = crop_samples(cfg)
+    if cfg.shift or crop:
+        wave, lengths = shift_crop(wave, crop, lengths)
     if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
         wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
@@ -631,10 +632,11 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
         wave = wave + torch.randn_like(wave) * wave.pow(2).mean(1, keepdim=True).sqrt() * 10 ** (-snr / 20)
     if cfg.mask:
         wave = time_mask(wave, cfg.mask)
-    if cfg.mixup:  # lam (B, 1): the first clip's share of the target
-        lam = (torch.rand(B, 1) if cfg.mix == "bc" else torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1)))
+    if cfg.mixup:  # lam (B, 1): the first clip's share of the target, drawn before the pairing as always
+        bc = cfg.mix == "bc"
+        lam = torch.rand(B, 1) if bc else torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))
         lam, perm = lam.to(wave.device), torch.randperm(B)
-        wave = bc_mix(wave, wave[perm], lam) if cfg.mix == "bc" else lam * wave + (1 - lam) * wave[perm]
+        wave = bc_mix(wave, wave[perm], lam) if bc else lam * wave + (1 - lam) * wave[perm]
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
