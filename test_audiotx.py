@@ -252,6 +252,42 @@ def test_logwave_stem_turns_a_gain_into_a_shift():
         expect(*seen)
 
 
+def conv1d_front(front, wave, training: bool):
+    """The front end's layers as plain (B, C, L) conv1d, max_pool1d and batch_norm, sharing its weights."""
+    x = front.mel(wave) if front.mel else wave[:, None]
+    for i, (conv, norm, (*_, pool)) in enumerate(zip(front.convs, front.norms, front.plan)):
+        x = F.conv1d(x, conv.weight, stride=conv.stride, padding=conv.padding)
+        x = x.abs() if front.log_stem and i == 0 else x
+        x = F.max_pool1d(x, pool) if pool > 1 else x
+        x = torch.log(x + 1e-4) if front.log_stem and i == 0 else x
+        stats = (norm.running_mean.clone(), norm.running_var.clone())  # batch_norm updates what it is given
+        x = F.relu(F.batch_norm(x, *stats, norm.weight, norm.bias, training=training, eps=norm.eps))
+    return x.transpose(1, 2)  # (B, T, C)
+
+
+@pytest.mark.parametrize("features", ["wave", "logwave", "logmel"])
+def test_front_end_computes_what_plain_conv1d_layers_do(features):
+    """The front end runs its layers as 2-D ops on channels-last (B, C, 1, L) and its stem as a
+    product of frames, for speed: outputs and weight gradients must match conv1d, max_pool1d and
+    batch_norm over (B, C, L), in training (batch statistics) and in evaluation (running ones)."""
+    torch.manual_seed(0)
+    front = audiotx.ConvFrontEnd(dim=16, features=features)
+    with torch.no_grad():
+        for norm in front.norms:
+            norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+    wave = 0.1 * torch.randn(3, 16000 + 123)  # a length no layer divides
+    for training in (True, False):
+        front.train(training)
+        mine, _ = front(wave)
+        grads = torch.autograd.grad(mine.square().sum(), [c.weight for c in front.convs])
+        ref = conv1d_front(front, wave, training)
+        ref_grads = torch.autograd.grad(ref.square().sum(), [c.weight for c in front.convs])
+        assert mine.shape == ref.shape == (3, front.out_len(16123), 16)
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+        for g, r in zip(grads, ref_grads):  # sums over 48k positions in float32: to 1e-4 of their scale
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-4 * float(r.abs().max()))
+
+
 def burst_clip(generator, freq, start, n_samples=32000, rate=16000, length=4000):
     """Noise with a 0.25 s tone burst at sample `start`."""
     wave = 0.05 * torch.randn(n_samples, generator=generator)
@@ -1113,7 +1149,7 @@ def test_padding_never_changes_the_logits(arch, features):
     model = audiotx.build_model(cfg, 3).eval()
     with torch.no_grad():  # running statistics far from (0, 1), so padding that leaked would show
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm1d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
     lengths = torch.tensor([16000, 9000, 5000, 2100])
     after = torch.arange(16000) >= lengths[:, None]  # (4, S) the padded samples
