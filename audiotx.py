@@ -101,7 +101,7 @@ class Config:
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
-    crop: float = 3.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
+    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak (faster); 0 = whole clips
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
