@@ -13,12 +13,12 @@ Two architectures share one 1D-convolution front end over the waveform:
 Everything a run measures is written under runs/<name>/ (config.json, metrics.json,
 predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases
 (offline unless you are logged in). The README states the measured results and the
-commands that produced them. Headline, 2-core CPU, seed 0, fold 1 held out: the default
-command (the log-compressed waveform stem, trained on 3 s windows) runs in 4:34 to validation
-accuracy 0.850 and fold-1 test 0.772 (ensemble 0.813); on whole clips (`--crop 0`) it reaches
-0.881 and 0.809 (ensemble 0.863) in 6:59, and 0.865-0.885 pooled over the official 5 folds (two
-seeds; EnvNet: 0.872); `--arch cnn --features logmel --crop 0` reaches validation 0.922 and
-fold-1 test 0.838 (ensemble 0.887).
+commands that produced them. Headline, 2-core CPU, fold 1 held out: the default command (the
+log-compressed waveform stem on whole clips) runs in 4:08 to validation accuracy 0.856, 0.881 and
+0.859 with seeds 0, 1 and 2 (fold-1 test 0.778, 0.813, 0.809; ensembles 0.850, 0.838, 0.850), and
+`bash run.sh` trains all 8 configurations in 34:31. Over the official 5 folds the same stem pools
+0.865-0.885 (two seeds; EnvNet: 0.872); `--arch cnn --features logmel` reaches validation 0.922
+and fold-1 test 0.838 (ensemble 0.887).
 """
 
 import argparse
