@@ -106,6 +106,7 @@ class Config:
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
     precision: str = "auto"          # auto | fp32 | bf16 (--amp): bfloat16 autocast; auto = bf16 where the device has it
+    compile: bool = False            # torch.compile the training steps' model (on this 2-core CPU it did not pay)
     # output
     out: str = "runs"                # results go to out/name/
     name: str = ""                   # default: derived from the configuration
@@ -1256,6 +1257,7 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         state = {"epoch": 0, "history": [], "best": None, "settings": result_settings(cfg)}
     net = model if PROC.world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[PROC.device] if PROC.device.type == "cuda" else None)
+    net = torch.compile(net) if cfg.compile else net  # the steps only: evaluation runs `model` as it is
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch

@@ -757,6 +757,29 @@ def quick(tmp_path, monkeypatch):
                   "--clip-seconds", "1", "--kfold", "2", "--epochs", "1", "--dim", "16"]
 
 
+def test_compile_flag_sends_the_training_steps_through_torch_compile(quick, monkeypatch, capsys):
+    """--compile hands each fold's model to torch.compile and the training steps run through what
+    it returns (here a recorder, so the test needs no compiler); without the flag nothing is."""
+    _, args = quick
+
+    class Recorder(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *a, **k):
+            self.calls += 1
+            return self.inner(*a, **k)
+
+    made = []
+    monkeypatch.setattr(torch, "compile", lambda module: made.append(Recorder(module)) or made[-1])
+    assert cli(args, capsys)[0] == 0 and made == []
+    assert cli(args + ["--compile", "--restart"], capsys)[0] == 0
+    # 2 folds of 3 training clips: one step each, on two different models
+    assert [r.calls for r in made] == [1, 1] and made[0].inner is not made[1].inner
+    assert all(isinstance(r.inner, audiotx.AudioTransformer) for r in made)
+
+
 def test_missing_or_empty_data_folder(tmp_path, quick, capsys):
     _, args = quick
     (tmp_path / "empty").mkdir()
