@@ -101,7 +101,7 @@ class Config:
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
-    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak (faster); 0 = whole clips
+    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -810,7 +810,7 @@ class ConvFrontEnd(nn.Module):
 def stem_frames(wave, conv: nn.Conv1d):
     """conv, with one input channel, kernel k and stride s, over wave (B, S) as one matrix product
     of the wave's k-sample frames: (B, L, k) @ (k, C) -> (B, C, 1, L) in channels-last memory.
-    The same numbers as conv1d; oneDNN's one-input-channel convolution took 3x as long here."""
+    The same numbers as conv1d; oneDNN's one-input-channel convolution took about twice as long here."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s samples
     return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # (B, L, C) -> (B, C, 1, L)
