@@ -1317,7 +1317,8 @@ def result_settings(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
 
 
-# What a run saved before a setting existed computed, where that is no longer the default.
+# What a run saved before a setting existed computed: a fact about old runs, so an entry stays
+# when a default changes back to it (crop: the default again since commit e2c7396).
 PREDATED = {"features": "wave", "crop": 0.0}
 
 
