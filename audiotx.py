@@ -40,6 +40,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+# torch's OpenMP (libgomp) lets an idle thread spin 300,000 times before it sleeps. Alone that
+# is fast; beside another busy process the spinning threads take the cores from the threads they
+# wait for, and each run slows many times over. 1000 spins is libgomp's own choice when it knows
+# threads outnumber cores; it must be set before torch loads libgomp. The user's setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 import numpy as np
 import scipy
 import scipy.io.wavfile

@@ -1188,6 +1188,26 @@ def test_padding_never_changes_the_logits(arch, features):
         assert (model(wave) - logits)[1:].abs().max() > 1e-3
 
 
+def test_openmp_spin_is_set_before_torch_loads_and_the_users_value_wins():
+    """GOMP_SPINCOUNT keeps libgomp's idle threads from spinning long (two runs at once would
+    otherwise slow each other many times over). libgomp reads it when torch loads it, so it must be
+    in the environment at torch's first import: a finder records it there."""
+    probe = ("import os, sys\n"
+             "class Probe:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n"
+             "            print('at torch import:', os.environ.get('GOMP_SPINCOUNT'))\n"
+             "            sys.meta_path.remove(self)\n"
+             "sys.meta_path.insert(0, Probe())\n"
+             "import audiotx\n")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "at torch import: 1000", out.stderr
+    out = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env={**env, "GOMP_SPINCOUNT": "7"},
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "at torch import: 7", out.stderr
+
+
 def test_device_flag(quick, capsys):
     root, flags = quick
     assert audiotx.pick_device("cpu") == torch.device("cpu")
