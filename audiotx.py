@@ -23,7 +23,6 @@ and fold-1 test 0.838 (ensemble 0.887).
 
 import argparse
 import contextlib
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -80,8 +79,6 @@ class Config:
     depth: int = 2                   # attention blocks (>= 2)
     dim: int = 128                   # channels out of the front end = transformer width
     dropout: float = 0.1             # in attention, MLPs and heads
-    drop_path: float = 0.0           # stochastic depth: each block's branches skipped per clip with this chance
-    positions: str = "learned"       # learned | none: transformer position embedding (none: a set of frames)
     # data
     data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
     dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
@@ -97,22 +94,15 @@ class Config:
     batch_size: int = 32             # clips per step
     lr: float = 2e-3                 # peak learning rate; auto = the LR range test's suggestion (--lr-find)
     weight_decay: float = 0.05       # AdamW, on weight matrices only
-    schedule: str = "onecycle"       # onecycle | cosine | constant
     label_smoothing: float = 0.1     # share of each target spread over all classes
-    ema: float = 0.0                 # validate and keep a moving average of the weights, this decay per step; 0 = off
     mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
-    mix: str = "mixup"               # mixup | bc: between-class learning's uniform, sound-pressure-aware mix
-    mask: float = 0.0                # zero one random span of up to this share of each training clip; 0 = off
-    noise: float = 0.0               # add white noise at a random SNR in [noise, noise + 20] dB; 0 = off
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
-    crop: float = 0.0                # train on windows of this many seconds holding each clip's peak; 0 = whole clips
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
     precision: str = "auto"          # auto | fp32 | bf16 (--amp): bfloat16 autocast; auto = bf16 where the device has it
-    compile: bool = False            # torch.compile the training steps' model (on this 2-core CPU it did not pay)
     # output
     out: str = "runs"                # results go to out/name/
     name: str = ""                   # default: derived from the configuration
@@ -131,10 +121,9 @@ class Config:
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
                     "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
-CHOICES = {"arch": ["cnn", "transformer"], "positions": ["learned", "none"], "features": ["wave", "logwave", "logmel"],
-           "subset": ["esc10", "esc50"], "mix": ["mixup", "bc"],
+CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
-           "schedule": ["onecycle", "cosine", "constant"], "precision": ["auto", "fp32", "bf16"],
+           "precision": ["auto", "fp32", "bf16"],
            "wandb": ["auto", "online", "offline", "disabled"]}
 
 
@@ -209,16 +198,8 @@ def check_config(cfg: Config):
         raise UserError("--lr auto needs the training clips; --bench times random ones (give --lr a number)")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
-    if not 0 <= cfg.ema < 1:
-        raise UserError(f"--ema must be in [0, 1), got {cfg.ema}")
-    if cfg.noise < 0:
-        raise UserError(f"--noise is the lowest signal-to-noise ratio in dB, > 0 (0 = off), got {cfg.noise}")
-    if not (0 <= cfg.mask < 1 and 0 <= cfg.drop_path < 1):
-        raise UserError(f"--mask and --drop-path must be in [0, 1), got {cfg.mask} and {cfg.drop_path}")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
-    if cfg.crop < 0:
-        raise UserError(f"--crop must be >= 0 (0 = whole clips), got {cfg.crop}")
     if cfg.batch_size < 2 * PROC.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
                         f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
@@ -624,82 +605,34 @@ def load_dataset(cfg: Config) -> Dataset:
 
 def augment(wave, labels, n_classes, cfg: Config, lengths=None):
     """Batch augmentation with tensor ops: wave (B, S), labels (B,), lengths (B,) or None ->
-    wave (B, S, or --crop's samples), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
+    wave (B, S), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
     B = len(wave)
     target = F.one_hot(labels, n_classes).float()
-    crop = crop_samples(cfg)
-    if cfg.shift or crop:
-        wave, lengths = shift_crop(wave, crop, lengths)
+    if cfg.shift:
+        wave = shift(wave, lengths)
     if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
         wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
     if cfg.gain_db:
         wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
-    if cfg.noise:  # each clip's own level sets its noise's: (B, 1) SNRs in dB
-        snr = cfg.noise + 20 * torch.rand(B, 1, device=wave.device)
-        wave = wave + torch.randn_like(wave) * wave.pow(2).mean(1, keepdim=True).sqrt() * 10 ** (-snr / 20)
-    if cfg.mask:
-        wave = time_mask(wave, cfg.mask)
-    if cfg.mixup:  # lam (B, 1): the first clip's share of the target, drawn before the pairing as always
-        bc = cfg.mix == "bc"
-        lam = torch.rand(B, 1) if bc else torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))
+    if cfg.mixup:  # lam (B, 1): the first clip's share of the mix and of the target
+        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))
         lam, perm = lam.to(wave.device), torch.randperm(B)
-        wave = bc_mix(wave, wave[perm], lam) if bc else lam * wave + (1 - lam) * wave[perm]
+        wave = lam * wave + (1 - lam) * wave[perm]
         target = lam * target + (1 - lam) * target[perm]
         lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
     return wave, target, lengths
 
 
-def time_mask(wave, share: float):
-    """Zero one span of each clip of wave (B, S), its length uniform in [0, share * S] and its
-    start uniform over the places it fits (a stretch the model must classify without)."""
+def shift(wave, lengths=None):
+    """Roll each clip of wave (B, S) by a random amount within its own length (ESC clips are
+    padded with silence, so a circular shift keeps them natural; padding stays at the end)."""
     B, S = wave.shape
-    width = (torch.rand(B, 1, device=wave.device) * share * S).long()  # (B, 1)
-    start = (torch.rand(B, 1, device=wave.device) * (S - width + 1)).long()
-    t = torch.arange(S, device=wave.device)  # (S,)
-    return wave.masked_fill((t >= start) & (t < start + width), 0.0)
-
-
-def sound_pressure_db(wave, frame: int = 1024):
-    """Each clip's loudest frame power in dB: wave (B, S) -> (B, 1)."""
-    B, S = wave.shape
-    frames = wave[:, :S // frame * frame].reshape(B, -1, frame) if S >= frame else wave[:, None]
-    return 10 * torch.log10(frames.float().pow(2).mean(2).amax(1, keepdim=True) + 1e-10)
-
-
-def bc_mix(a, b, r):
-    """Between-class learning's mix (Tokozume et al., ICLR 2018) of clips a, b (B, S) whose targets
-    mix in ratio r (B, 1): the waves mix in a ratio p that makes a's share *heard* as r despite
-    their loudness difference, p = 1 / (1 + 10^((G_a - G_b) / 20) (1 - r) / r), divided by
-    sqrt(p^2 + (1 - p)^2) to keep the power of two uncorrelated sounds."""
-    g = sound_pressure_db(a) - sound_pressure_db(b)  # (B, 1) dB
-    p = 1 / (1 + 10 ** (g / 20) * (1 - r) / r.clamp(min=1e-6))
-    return (p * a + (1 - p) * b) / (p ** 2 + (1 - p) ** 2).sqrt()
-
-
-def crop_samples(cfg: Config) -> int:
-    """--crop in samples; 0 (whole clips) where the window would not be shorter than the clip."""
-    return round(cfg.crop * cfg.sample_rate) if cfg.crop < cfg.clip_seconds else 0
-
-
-def shift_crop(wave, crop: int = 0, lengths=None):
-    """Roll each clip of wave (B, S) by a random amount within its own length (ESC clips are padded
-    with silence, so a circular shift keeps them natural); with crop > 0 keep the first `crop`
-    samples, the roll chosen so they hold the clip's loudest sample (a window of silence would
-    carry a label it cannot show). -> (wave (B, crop or S), lengths (B,) or None)."""
-    B, S = wave.shape
-    n = torch.full((B,), S) if lengths is None else lengths.cpu()
-    if crop:  # a start up to one window before the peak, so the peak falls inside the window
-        peak = wave.abs().argmax(1).cpu()  # padding is zeros: the peak is within the clip
-        k = (peak - (torch.rand(B) * n.clamp(max=crop)).long()) % n
-    else:  # (the same draws as before --crop existed, so earlier seeds reproduce)
-        k = torch.randint(0, S, (B,)) if lengths is None else (torch.rand(B) * n).long()
     if lengths is None:  # one roll per clip: a fifth of the time of gathering through a (B, S) index
-        wave = torch.stack([w.roll(-j) for w, j in zip(wave, k.tolist())])
-    else:  # the padding stays after each clip's end
-        wave = torch.stack([torch.cat([w[:m].roll(-j), w[m:]]) for w, m, j in zip(wave, n.tolist(), k.tolist())])
-    if crop:
-        wave, lengths = wave[:, :crop], None if lengths is None else lengths.clamp(max=crop)
-    return wave, lengths
+        k = torch.randint(0, S, (B,))
+        return torch.stack([w.roll(-j) for w, j in zip(wave, k.tolist())])
+    n = lengths.cpu()
+    k = (torch.rand(B) * n).long()
+    return torch.stack([torch.cat([w[:m].roll(-j), w[m:]]) for w, m, j in zip(wave, n.tolist(), k.tolist())])
 
 
 def resample(wave, speed: float, lengths=None):
@@ -889,25 +822,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, *, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        self.drop_path = drop_path
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = SelfAttention(dim=dim, heads=heads, dropout=dropout)
         self.mlp = MLP(dim=dim, hidden=4 * dim, out=dim, dropout=dropout)
         self.drop = Dropout(dropout)
 
     def forward(self, x, keep=None):
-        x = x + self.skip(self.drop(self.attn(self.ln1(x), keep)))
-        return x + self.skip(self.drop(self.mlp(self.ln2(x))))
-
-    def skip(self, branch):
-        """Stochastic depth: in training, each clip's branch (B, T, C) is dropped with chance
-        drop_path and the survivors scaled up, so the expected sum is the evaluated one."""
-        if not self.training or self.drop_path == 0:
-            return branch
-        kept = torch.rand(len(branch), 1, 1, device=branch.device) >= self.drop_path  # (B, 1, 1)
-        return branch * kept / (1 - self.drop_path)
+        x = x + self.drop(self.attn(self.ln1(x), keep))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class CNNClassifier(nn.Module):
@@ -931,16 +855,14 @@ class AudioTransformer(nn.Module):
     """Front end, <cls> + positions, attention blocks, MLP head: wave (B, S) -> logits (B, K)."""
 
     def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int, dropout: float,
-                 features: str = "wave", sample_rate: int = 16000, positions: str = "learned",
-                 drop_path: float = 0.0):
+                 features: str = "wave", sample_rate: int = 16000):
         super().__init__()
         self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
         n_tokens = self.front.out_len(n_samples) + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02) if positions == "learned" else None
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
         self.drop = Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout, drop_path=drop_path)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout) for _ in range(depth))
         self.ln = nn.LayerNorm(dim)
         self.head = MLP(dim=dim, hidden=dim, out=n_classes, dropout=dropout)
 
@@ -948,7 +870,7 @@ class AudioTransformer(nn.Module):
         x, n = self.front(wave, lengths)  # (B, T, C), None or (B,) filled frames
         keep = None if n is None else F.pad(within(n, x.shape[1])[:, 0], (1, 0), value=True)  # (B, 1 + T)
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + T, C), <cls> at 0
-        x = self.drop(x if self.pos is None else x + self.pos[:, :x.shape[1]])
+        x = self.drop(x + self.pos[:, :x.shape[1]])
         for block in self.blocks:
             x = block(x, keep)
         return self.head(self.ln(x[:, 0]))  # the <cls> output -> (B, K)
@@ -958,16 +880,13 @@ def build_model(cfg: Config, n_classes: int) -> nn.Module:
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     inputs = {"features": cfg.features, "sample_rate": cfg.sample_rate}
     front = ConvFrontEnd(dim=cfg.dim, **inputs)
-    sizes = (("--clip-seconds", cfg.clip_seconds, n_samples), ("--crop", cfg.crop, crop_samples(cfg)))
-    for flag, seconds, n in sizes:
-        if n and front.out_len(n) < 1:
-            raise UserError(f"{flag} {seconds} at --sample-rate {cfg.sample_rate} is too short "
-                            f"for the {cfg.features} front end (it needs at least 2048 samples)")
+    if front.out_len(n_samples) < 1:
+        raise UserError(f"--clip-seconds {cfg.clip_seconds} at --sample-rate {cfg.sample_rate} is too short "
+                        f"for the {cfg.features} front end")
     if cfg.arch == "cnn":
         return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout, **inputs)
     return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,
-                            n_samples=n_samples, dropout=cfg.dropout, positions=cfg.positions,
-                            drop_path=cfg.drop_path, **inputs)
+                            n_samples=n_samples, dropout=cfg.dropout, **inputs)
 
 
 def count_params(model: nn.Module) -> dict:
@@ -1032,10 +951,6 @@ def summarize(labels, probs, classes):
 def lr_at(cfg: Config, step: int, total: int) -> float:
     """One-cycle: cosine warm-up from lr/25 over 30% of steps, then cosine decay to ~0."""
     t = step / max(total - 1, 1)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
     if t < 0.3:
         return cfg.lr * (0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * t / 0.3)))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
@@ -1054,29 +969,9 @@ def n_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-class EMA:
-    """A moving average of a model's weights, updated after every step (Polyak averaging), with
-    the model's BatchNorm statistics copied. The decay ramps up as (1 + n) / (10 + n) over the
-    first steps, so the random start is soon forgotten."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        self.decay, self.steps = decay, 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        model = getattr(model, "module", model)  # the module inside DDP
-        self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
-        for mine, theirs in zip(self.model.buffers(), model.buffers()):
-            mine.copy_(theirs)
-
-
-def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None, ema=None):
+def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
     """One pass over idx in the random order drawn from the generator `order` (the same in every
-    process); each process trains on its share of every batch, and `ema` (an EMA or None) follows
-    the weights. Returns (mean loss, accuracy against the dominant target) over the whole pass."""
+    process); each process trains on its share of every batch. Returns (mean loss, accuracy against the dominant target) over the whole pass."""
     model.train()
     perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     loss_sum = correct = 0.0
@@ -1088,8 +983,6 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
                                   scale=len(mine) * PROC.world / len(chunk))
-        if ema:
-            ema.update(model)
         step += 1
         loss_sum += loss * len(mine)
         correct += (logits.argmax(1) == target.argmax(1)).sum().item()
@@ -1249,13 +1142,9 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
     state = load_state(state_path, cfg)
-    ema = EMA(model, cfg.ema) if cfg.ema else None
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        if ema:
-            ema.model.load_state_dict(state["ema"])
-            ema.steps = state["ema_steps"]
         order.set_state(state.get("order", order.get_state()))
         set_rng_state(state["rng"], state_path)
         print(f"fold {fold}: resuming after epoch {state['epoch']}")
@@ -1263,7 +1152,6 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         state = {"epoch": 0, "history": [], "best": None, "settings": result_settings(cfg)}
     net = model if PROC.world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[PROC.device] if PROC.device.type == "cuda" else None)
-    net = torch.compile(net) if cfg.compile else net  # the steps only: evaluation runs `model` as it is
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
@@ -1273,9 +1161,8 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         t0 = time.time()
         lr = lr_at(cfg, (epoch - 1) * steps, steps * cfg.epochs)
         tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes,
-                                      (epoch - 1) * steps, steps * cfg.epochs, order, lengths, ema)
-        judged = ema.model if ema else model  # the weights validated, chosen and tested
-        va_loss, va_acc, _ = evaluate(judged, val_w, val_y, cfg.precision, val_n)
+                                      (epoch - 1) * steps, steps * cfg.epochs, order, lengths)
+        va_loss, va_acc, _ = evaluate(model, val_w, val_y, cfg.precision, val_n)
         row = {"epoch": epoch, "lr": lr, "train_loss": tr_loss, "train_acc": tr_acc,
                "val_loss": va_loss, "val_acc": va_acc, "seconds": time.time() - t0}
         state["history"].append(row)
@@ -1283,11 +1170,9 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         # Chosen on validation only: highest accuracy, ties to the lower validation loss.
         if best is None or (va_acc, -va_loss) > (best["val_acc"], -best["val_loss"]):
             state["best"] = {"epoch": epoch, "val_acc": va_acc, "val_loss": va_loss,
-                             "model": {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}}
+                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), order=order.get_state(),
                      rng=rng_states())
-        if ema:
-            state.update(ema=ema.model.state_dict(), ema_steps=ema.steps)
         save_atomic(state, state_path)
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)
@@ -1309,7 +1194,6 @@ def rng_states() -> list:
 
 
 def set_rng_state(saved, path: Path):
-    saved = [{"cpu": saved}] if torch.is_tensor(saved) else saved  # state.pt from before torchrun support
     if len(saved) != PROC.world:
         raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {PROC.world}; "
                         "resume with the same number, or rerun with --restart")
@@ -1323,18 +1207,10 @@ def result_settings(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
 
 
-# What a run saved before a setting existed computed: a fact about old runs, so an entry stays
-# when a default changes back to it (crop: the default again since commit e2c7396).
-PREDATED = {"features": "wave", "crop": 0.0}
-
-
 def differences(saved: dict, cfg: Config) -> str:
-    """Settings in which cfg differs from a saved run's, as flags ('' when none). A setting the
-    saved run predates counts as what it computed then (the default, or PREDATED's value), so
-    adding a field to Config keeps old runs valid."""
-    defaults = {**dataclasses.asdict(Config()), **PREDATED}
-    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {v!r}"
-                     for k, v in result_settings(cfg).items() if saved.get(k, defaults[k]) != v)
+    """Settings in which cfg differs from a saved run's, as flags ('' when none)."""
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+                     for k, v in result_settings(cfg).items() if saved.get(k) != v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2029,16 +1905,15 @@ def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def step_flops(model, wave, labels, n_classes, window: int = 0) -> tuple:
-    """(forward FLOPs per whole clip, training-step FLOPs per clip on its first `window` samples,
-    --crop's, or the whole clip when 0), counted by torch's FlopCounterMode."""
+def step_flops(model, wave, labels, n_classes) -> tuple:
+    """(forward FLOPs per clip, training-step FLOPs per clip), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fwd:
         model(wave[:1])
     model.train()
     with FlopCounterMode(display=False) as step:
-        F.cross_entropy(model(wave[:, :window or None]), F.one_hot(labels, n_classes).float()).backward()
+        F.cross_entropy(model(wave), F.one_hot(labels, n_classes).float()).backward()
     model.zero_grad(set_to_none=True)
     return fwd.get_total_flops(), step.get_total_flops() / len(wave)
 
@@ -2051,7 +1926,7 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     model = build_model(cfg, n_classes).to(PROC.device)
     opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
     batch = waves[:cfg.batch_size].to(PROC.device), labels[:cfg.batch_size].to(PROC.device)
-    fwd_flops, train_flops = step_flops(model, *batch, n_classes, crop_samples(cfg))  # as train_epoch crops
+    fwd_flops, train_flops = step_flops(model, *batch, n_classes)
     train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100, order)  # warm-up
     t0 = time.perf_counter()
     train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100, order)

@@ -143,26 +143,6 @@ def tiny_transformer(heads=2, n_classes=3):
                                     dropout=0.1).eval()
 
 
-def test_without_positions_the_transformer_reads_a_set_of_frames():
-    """--positions none: reordering the front end's frames leaves the <cls> logits unchanged
-    (attention is permutation-equivariant and <cls> reads a weighted sum); learned positions
-    make the order matter."""
-    wave, perm = torch.randn(2, 8192), torch.tensor([2, 0, 3, 1])
-    for positions, order_matters in (("none", False), ("learned", True)):
-        torch.manual_seed(0)
-        model = audiotx.AudioTransformer(dim=16, heads=2, depth=2, n_classes=3, n_samples=8192, dropout=0.1,
-                                         positions=positions).eval()
-        front = model.front.forward
-        with torch.no_grad():
-            x, _ = front(wave)
-            assert x.shape[1] == 4
-            out = model(wave)
-            model.front.forward = lambda w, n=None: (front(w, n)[0][:, perm], None)
-            moved = model(wave)
-        assert (model.pos is not None) == order_matters
-        assert torch.allclose(out, moved, atol=1e-5) != order_matters
-
-
 def test_cls_token_is_position_zero_and_reaches_the_head():
     model = tiny_transformer()
     seen = {}
@@ -488,7 +468,7 @@ def test_augment_keeps_shapes_and_mixes_targets():
     assert torch.isfinite(silent).all() and silent.abs().max() == 0
     # shift alone: each row is its clip rotated by some amount, and the amounts differ
     wave = torch.arange(6 * 100.0).view(6, 100)
-    alone = audiotx.Config(mixup=0, gain_db=0, crop=0)
+    alone = audiotx.Config(mixup=0, gain_db=0)
     shifted, _, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, alone)
     amounts = [int(row[0] - start) % 100 for row, start in zip(shifted, wave[:, 0])]
     for row, clip, k in zip(shifted, wave, amounts):
@@ -504,101 +484,6 @@ def test_augment_keeps_shapes_and_mixes_targets():
         assert torch.equal(row[:m], clip[:m].roll(-k)) and row[m:].abs().sum() == 0
     _, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0.4), lengths)
     assert (n >= lengths).all() and set(n.tolist()) <= set(lengths.tolist())  # a mixed pair fills the longer's
-
-
-def test_crop_keeps_a_window_of_the_clip_that_holds_its_peak():
-    """--crop: each row is `crop` consecutive samples of its clip read circularly (of its own
-    length, when it has one), the clip's loudest sample among them, the windows' starts vary."""
-    torch.manual_seed(0)
-    S, crop, B = 100, 30, 64
-    wave = torch.rand(B, S) * 0.5
-    peaks = torch.randint(0, S, (B,))
-    wave[torch.arange(B), peaks] = 1.0 + torch.arange(B) / B  # a unique loudest sample per clip
-    cfg = audiotx.Config(mixup=0, gain_db=0, crop=crop / 16000)
-    out, _, n = audiotx.augment(wave, torch.zeros(B, dtype=torch.long), 3, cfg)
-    assert out.shape == (B, crop) and n is None
-    starts = []
-    for row, clip, p in zip(out, wave, peaks.tolist()):
-        k = int(torch.nonzero(clip == row[0])[0])  # the values are distinct, so the start is unique
-        assert torch.equal(row, clip.roll(-k)[:crop]) and clip[p] in row
-        starts.append(k)
-    assert len(set(starts)) > B // 4
-    # with lengths: the window is read within each clip's own length; a clip shorter than it keeps its padding
-    lengths = torch.tensor([100, 60, 20] * 4)
-    padded = wave[:12] * (torch.arange(S) < lengths[:, None])
-    out, _, n = audiotx.augment(padded, torch.zeros(12, dtype=torch.long), 3, cfg, lengths)
-    assert torch.equal(n, lengths.clamp(max=crop))
-    for row, clip, m in zip(out, padded, lengths.tolist()):
-        k = int(torch.nonzero(clip == row[0])[0])
-        assert torch.equal(row[:min(m, crop)], clip[:m].roll(-k)[:crop]) and row[m:].abs().sum() == 0
-        assert clip[:m].max() in row
-    assert audiotx.crop_samples(audiotx.Config(crop=5)) == 0  # a window as long as the clip is the whole clip
-    with pytest.raises(audiotx.UserError, match="--crop"):
-        audiotx.check_config(audiotx.Config(crop=-1))
-    with pytest.raises(audiotx.UserError, match="--crop 0.1 "):  # 1,600 samples: no frame out of the front end
-        audiotx.build_model(audiotx.Config(crop=0.1), 10)
-    audiotx.build_model(audiotx.Config(crop=0.13), 10)  # 2,080 samples make one frame
-
-
-def test_time_mask_zeroes_one_span_per_clip():
-    torch.manual_seed(0)
-    wave = torch.rand(32, 200) + 0.5  # no zeros of its own
-    out = audiotx.time_mask(wave, 0.25)
-    widths = []
-    for row, clip in zip(out, wave):
-        zero = torch.nonzero(row == 0).flatten()
-        if len(zero):  # one contiguous span, everything else untouched
-            assert torch.equal(zero, torch.arange(int(zero[0]), int(zero[-1]) + 1))
-        assert torch.equal(row[row != 0], clip[row != 0])
-        widths.append(len(zero))
-    assert max(widths) <= 50 and len(set(widths)) > 8
-
-
-def test_noise_lands_within_the_asked_signal_to_noise_ratios():
-    torch.manual_seed(0)
-    wave = torch.randn(64, 16000) * torch.logspace(-2, 0, 64)[:, None]  # clips 40 dB apart at most
-    cfg = audiotx.Config(noise=10, crop=0, shift=False, gain_db=0, mixup=0)
-    out, _, _ = audiotx.augment(wave, torch.zeros(64, dtype=torch.long), 3, cfg)
-    snr = 10 * torch.log10(wave.pow(2).mean(1) / (out - wave).pow(2).mean(1))
-    assert snr.min() > 9.9 and snr.max() < 30.1 and snr.max() - snr.min() > 10  # spread over [10, 30] dB
-
-
-def test_between_class_mix_hears_the_target_ratio():
-    """Two tones 20 dB apart mixed for targets r = 0.5: the louder clip's wave share p solves
-    p / (1 - p) = r / (1 - r) * 10^(-20 / 20), i.e. 1/11; equal loudness gives p = r. The mix is
-    divided by sqrt(p^2 + (1 - p)^2)."""
-    t = torch.arange(4096) / 16000
-    loud = torch.sin(2 * torch.pi * 440 * t)[None]  # (1, 4096)
-    quiet = 0.1 * torch.sin(2 * torch.pi * 660 * t)[None]
-    for a, b, r, p in [(loud, quiet, 0.5, 1 / 11), (loud, loud.roll(7), 0.3, 0.3), (quiet, loud, 0.5, 10 / 11)]:
-        r = torch.tensor([[r]])
-        expect = (p * a + (1 - p) * b) / (p ** 2 + (1 - p) ** 2) ** 0.5
-        torch.testing.assert_close(audiotx.bc_mix(a, b, r), expect, atol=1e-3, rtol=1e-3)
-    mixed, target, _ = audiotx.augment(torch.randn(8, 4096), torch.arange(8) % 3, 3,
-                                       audiotx.Config(mix="bc", crop=0, gain_db=0))
-    assert mixed.shape == (8, 4096) and torch.allclose(target.sum(1), torch.ones(8))
-
-
-def test_stochastic_depth_drops_whole_branches_in_training_only():
-    torch.manual_seed(0)
-    block = audiotx.Block(dim=16, heads=2, drop_path=0.5)
-    plain = audiotx.Block(dim=16, heads=2)
-    plain.load_state_dict(block.state_dict())
-    x = torch.randn(1, 5, 16).expand(64, -1, -1)  # the same clip 64 times
-    torch.testing.assert_close(block.eval()(x), plain.eval()(x))  # evaluation: every branch, unscaled
-    out = block.train()(x).detach()
-    untouched = [torch.equal(row, x[0]) for row in out]  # both branches dropped
-    assert 4 < sum(untouched) < 32 and len({round(float(row.sum()), 4) for row in out}) >= 3
-
-
-def test_a_run_saved_before_a_setting_existed_keeps_what_it_computed():
-    """Runs saved before --features and --crop existed read waveforms and trained on whole clips:
-    they match those settings, not whatever the defaults are now."""
-    saved = audiotx.result_settings(audiotx.Config(features="wave", crop=0.0))
-    del saved["features"], saved["crop"], saved["mask"]
-    assert audiotx.differences(saved, audiotx.Config(features="wave", crop=0.0)) == ""
-    changed = audiotx.differences(saved, audiotx.Config(crop=3.0))
-    assert "--features 'wave' -> 'logwave'" in changed and "--crop 0.0 -> 3.0" in changed and "mask" not in changed
 
 
 def test_resample_scales_every_frequency_and_duration_by_the_speed():
@@ -621,28 +506,6 @@ def test_resample_scales_every_frequency_and_duration_by_the_speed():
     lengths = torch.tensor([16000, 4000])
     wave, _, m = audiotx.augment(torch.stack([tone, tone]), torch.zeros(2, dtype=torch.long), 3, cfg, lengths)
     assert wave.shape == (2, n) and (m <= n).all() and not torch.equal(m, lengths)
-
-
-def test_ema_follows_the_weights_with_its_ramped_decay():
-    """--ema: after n updates towards weights held at 1 from 0, the average is 1 - prod(decay_i),
-    decay_i = min(d, (1 + i) / (10 + i)), computed here step by step; BatchNorm statistics are copied."""
-    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    ema = audiotx.EMA(model, 0.9)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0)
-        model[1].running_mean.fill_(5.0)
-    left = 1.0  # the share of the starting weights still in the average
-    for i in range(1, 31):
-        ema.update(model)
-        left *= min(0.9, (1 + i) / (10 + i))
-        for p in ema.model.parameters():
-            torch.testing.assert_close(p, torch.full_like(p, 1 - left))
-    assert 0 < left < 0.1 and torch.equal(ema.model[1].running_mean, model[1].running_mean)
-    assert not any(p.requires_grad for p in ema.model.parameters())
 
 
 def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
@@ -757,29 +620,6 @@ def quick(tmp_path, monkeypatch):
                   "--clip-seconds", "1", "--kfold", "2", "--epochs", "1", "--dim", "16"]
 
 
-def test_compile_flag_sends_the_training_steps_through_torch_compile(quick, monkeypatch, capsys):
-    """--compile hands each fold's model to torch.compile and the training steps run through what
-    it returns (here a recorder, so the test needs no compiler); without the flag nothing is."""
-    _, args = quick
-
-    class Recorder(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, *a, **k):
-            self.calls += 1
-            return self.inner(*a, **k)
-
-    made = []
-    monkeypatch.setattr(torch, "compile", lambda module: made.append(Recorder(module)) or made[-1])
-    assert cli(args, capsys)[0] == 0 and made == []
-    assert cli(args + ["--compile", "--restart"], capsys)[0] == 0
-    # 2 folds of 3 training clips: one step each, on two different models
-    assert [r.calls for r in made] == [1, 1] and made[0].inner is not made[1].inner
-    assert all(isinstance(r.inner, audiotx.AudioTransformer) for r in made)
-
-
 def test_missing_or_empty_data_folder(tmp_path, quick, capsys):
     _, args = quick
     (tmp_path / "empty").mkdir()
@@ -881,7 +721,7 @@ def test_a_class_missing_from_a_training_fold_is_refused(quick, capsys):
     (["--test-fold", "9"], "--test-fold 9"), (["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
     (["--dim", "0"], "--dim"), (["--arch", "rnn"], "--arch"), (["--depth", "1"], "--depth"),
     (["--features", "mfcc"], "--features"), (["--precision", "fp16"], "--precision"), (["--lr", "-1"], "--lr"),
-    (["--stretch", "0.7"], "--stretch"), (["--ema", "1"], "--ema"), (["--positions", "rope"], "--positions"),
+    (["--stretch", "0.7"], "--stretch"), (["--positions", "none"], "--positions"),
     (["--bench", "--lr", "auto"], "--lr auto"),
 ])
 def test_impossible_flags_are_refused(quick, capsys, flags, culprit):
@@ -897,11 +737,10 @@ def test_debug_shows_the_traceback(quick):
 
 # ---- interruptions ----
 
-@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]])  # with --ema its average must be saved and restored too
-def test_killed_run_resumes_to_identical_metrics(tmp_path, extra):
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
     root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=2)
     args = ["--data", str(root), "--kfold", "2", "--epochs", "40", "--dim", "16", "--sample-rate", "8000",
-            "--clip-seconds", "1", "--batch-size", "4", "--threads", "1", *extra]
+            "--clip-seconds", "1", "--batch-size", "4", "--threads", "1"]
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     ref = run_cli(args + ["--out", str(tmp_path / "ref")], env_extra=env)
     assert ref.returncode == 0, ref.stderr
@@ -1086,9 +925,6 @@ def test_flop_count_matches_the_layers_worked_by_hand():
     head = 2 * (32 * 16 + 16 * 3)  # Linear(2 * dim, dim), Linear(dim, classes)
     assert fwd == convs + head
     assert 2 * fwd < train < 4 * fwd  # backward costs about twice the forward
-    # with --crop the training step reads the window (its first 4096 samples), the forward a whole clip
-    fwd_crop, train_crop = audiotx.step_flops(model, wave, labels, 3, window=4096)
-    assert fwd_crop == fwd and train_crop == audiotx.step_flops(model, wave[:, :4096], labels, 3)[1] < train
 
 
 def test_bench_writes_a_row_per_architecture(tmp_path, capsys):
