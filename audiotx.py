@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import warnings
@@ -371,7 +372,7 @@ def to_mono_float(path, data):
 def find_data(arg: str) -> Path:
     """--data, else $AUDIOTX_DATA, else the first default folder that exists."""
     given = arg or os.environ.get("AUDIOTX_DATA", "")
-    candidates = [Path(given)] if given else DEFAULT_DATA
+    candidates = [Path(given).expanduser()] if given else DEFAULT_DATA
     for path in candidates:
         if (path / "audio").is_dir():
             return path
@@ -1481,6 +1482,23 @@ def clear_run_dir(run_dir: Path):
             p.unlink()
 
 
+def shown_path(path: Path) -> str:
+    """A path as config.json records it: under ~, else relative to the working folder, so no
+    file the project commits holds this machine's absolute paths."""
+    path, home = Path(path).resolve(), Path.home().resolve()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else os.path.relpath(path)
+
+
+def code_version() -> dict:
+    """The checkout's git commit and whether its tracked files had changes; {} outside git."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__}
@@ -1781,7 +1799,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
         return lines + [f"No figures: {best['dir']}/fold1/model.pt is absent (checkpoints stay out of git).", ""]
     cfg, model = loaded
     try:
-        ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).is_dir() else ""))
+        ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).expanduser().is_dir() else ""))
         waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
     except UserError as e:
         return lines + [f"No figures: {e}", ""]
@@ -2055,8 +2073,9 @@ def run(cfg: Config) -> dict:
             cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if PROC.main else None))
             if cfg.lr_find:
                 return {"lr": cfg.lr}
-        config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": str(ds.root), "classes": ds.classes,
-                  "n_clips": len(ds.table), "versions": versions(), "processes": PROC.world,
+        config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
+                  "classes": ds.classes, "n_clips": len(ds.table), "versions": versions(),
+                  "code": code_version(), "processes": PROC.world,
                   "device_used": str(PROC.device),
                   "params": count_params(build_model(cfg, len(ds.classes)))}
         if PROC.main:
