@@ -25,7 +25,9 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
+import http.client
 import inspect
 import io
 import json
@@ -33,10 +35,16 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +66,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
+ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"  # $AUDIOTX_ESC50_URL wins
+ESC50_MB = 600  # the archive's size, for the line that says what a first run fetches
 ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
 CACHE_VERSION = 2  # bump when the cached waveform format changes (2: clip lengths beside the waves)
 ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire", 20: "crying_baby",
@@ -370,17 +380,138 @@ def to_mono_float(path, data):
 
 
 def find_data(arg: str) -> Path:
-    """--data, else $AUDIOTX_DATA, else the first default folder that exists."""
+    """--data (a folder or a zip), else $AUDIOTX_DATA, else the first default folder that exists,
+    else ESC-50 fetched earlier, else ESC-50 fetched now."""
     given = arg or os.environ.get("AUDIOTX_DATA", "")
-    candidates = [Path(given).expanduser()] if given else DEFAULT_DATA
-    for path in candidates:
+    if given:
+        path = Path(given).expanduser()
+        if path.is_file() and zipfile.is_zipfile(path):
+            return unpack_once(path)
         if (path / "audio").is_dir():
             return path
-    if given:
-        raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, audio/*.wav + meta/esc50.csv, "
-                        "or UrbanSound8K's, audio/fold<k>/*.wav + metadata/UrbanSound8K.csv)")
-    raise UserError("no dataset found: pass --data DIR or set AUDIOTX_DATA (looked in "
-                    + ", ".join(str(p) for p in candidates) + "); the README says how to get ESC-50")
+        raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, audio/*.wav + "
+                        "meta/esc50.csv, UrbanSound8K's, audio/fold<k>/*.wav + "
+                        "metadata/UrbanSound8K.csv, or a zip of either)")
+    fetched = cache_root() / "ESC-50"
+    for path in DEFAULT_DATA + [fetched]:
+        if (path / "audio").is_dir():
+            return path
+    return fetch_esc50(fetched)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audiotx"
+
+
+def fetch_esc50(dest: Path) -> Path:
+    """Download ESC-50's archive into the cache and unpack it to dest; one process at a time."""
+    url = os.environ.get("AUDIOTX_ESC50_URL") or ESC50_URL
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / "fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits here, then finds the folder
+        if (dest / "audio").is_dir():
+            return dest
+        print(f"no dataset found: fetching ESC-50 (about {ESC50_MB} MB) from {url} into {dest}; "
+              "to use a copy you have, pass --data DIR or ZIP or set AUDIOTX_DATA", flush=True)
+        archive = dest.parent / "ESC-50.zip"
+        download(url, archive)
+        try:
+            unpack_checked(archive, dest)
+        except UserError as e:
+            archive.unlink()  # never trusted again
+            raise UserError(f"{e}; deleted it, so the next run fetches it again") from None
+        archive.unlink()  # the folder is the dataset now
+    return dest
+
+
+def download(url: str, path: Path, tries: int = 4):
+    """url -> path through path.part, resuming a cut transfer with an HTTP Range request where the
+    server allows it (else from the start), tries times at most."""
+    part, why = path.with_name(path.name + ".part"), ""
+    for attempt in range(1, tries + 1):
+        have = part.stat().st_size if part.is_file() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = response.status == 206
+                total = int(response.headers.get("Content-Length") or 0) + (have if resumed else 0)
+                with open(part, "ab" if resumed else "wb") as f:
+                    copy_with_progress(response, f, have if resumed else 0, total)
+            if not total or part.stat().st_size == total:
+                os.replace(part, path)
+                return
+            why = f"the connection closed at {part.stat().st_size:,} of {total:,} bytes"
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the saved part is no prefix of what the server holds now
+                part.unlink()
+                continue
+            raise UserError(f"could not fetch {url}: HTTP {e.code} {e.reason}; {BY_HAND}") from None
+        except (OSError, http.client.HTTPException) as e:  # no network, DNS, a dropped connection
+            why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        print(f"\nfetch {attempt}/{tries} failed ({why})" + ("; trying again" if attempt < tries else ""))
+        time.sleep(attempt if attempt < tries else 0)
+    raise UserError(f"could not fetch {url} ({why}); run again to resume, or {BY_HAND}")
+
+
+BY_HAND = ("download ESC-50 yourself (the README says how) and pass --data DIR or ZIP, "
+           "or set AUDIOTX_DATA")
+
+
+def copy_with_progress(source, sink, done: int, total: int):
+    """Copy in 1 MB blocks with a progress line: in place on a terminal, every 5 s in a log."""
+    t0 = last = time.time()
+    start, every = done, 0.2 if sys.stdout.isatty() else 5.0
+    while block := source.read1(1 << 20):  # what has arrived; b"" when the server hangs up early
+        sink.write(block)
+        done += len(block)
+        if time.time() - last >= every or done == total:
+            last, rate = time.time(), (done - start) / max(time.time() - t0, 1e-9)
+            left = f", {(total - done) / max(rate, 1) / 60:.1f} min left" if total else ""
+            shown = f" of {total / 1e6:.0f} MB ({done / total:.0%})" if total else " MB"
+            end = "\r" if sys.stdout.isatty() else "\n"
+            print(f"fetched {done / 1e6:.0f}{shown} at {rate / 1e6:.1f} MB/s{left}   ", end=end, flush=True)
+    if sys.stdout.isatty():
+        print()
+
+
+def unpack_once(archive: Path) -> Path:
+    """--data some.zip: unpacked once into the cache, keyed by the zip's name, size and time."""
+    st = archive.stat()
+    key = hashlib.sha1(f"{archive.name} {st.st_size} {st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_root() / f"{archive.stem}-{key}"
+    if not (dest / "audio").is_dir():
+        print(f"unpacking {archive} into {dest}", flush=True)
+        unpack_checked(archive, dest)
+    return dest
+
+
+def unpack_checked(archive: Path, dest: Path):
+    """Check every member's CRC, unpack into a temporary folder, check that every clip the table
+    lists is a readable WAV, then rename the dataset's folder into place: dest, when it exists,
+    is always whole."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+                    raise UserError(f"{archive}: member {name!r} would land outside the folder")
+            bad = z.testzip()
+            if bad:
+                raise UserError(f"{archive}: member {bad} fails its CRC check (a damaged download)")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+            z.extractall(tmp)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise UserError(f"{archive}: not a whole zip archive ({e})") from None
+    try:
+        root = min((p.parent for p in tmp.rglob("audio") if p.is_dir()), key=lambda p: len(p.parts),
+                   default=None)
+        if root is None:
+            raise UserError(f"{archive}: holds no audio/ folder (expected ESC-50's layout)")
+        for r in read_table(root, "esc50"):  # every row, not only ESC-10's
+            read_wav(root / "audio" / r["filename"])
+        os.replace(root, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
@@ -467,8 +598,7 @@ def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
     for r in table:
         st = (data_dir / "audio" / r["filename"]).stat()
         h.update(f"{r['filename']} {st.st_size} {st.st_mtime_ns}\n".encode())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audiotx"
-    return root / f"waves-{h.hexdigest()[:16]}.npy"
+    return cache_root() / f"waves-{h.hexdigest()[:16]}.npy"
 
 
 def fit_clip(wave, rate, target_rate, n_samples):

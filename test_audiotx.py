@@ -5,11 +5,16 @@ data and splits on the real ESC-10 csv, and the command end to end on real and s
 """
 
 import csv
+import http.server
+import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -436,6 +441,157 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     scipy.io.wavfile.write(name, 8000, np.zeros(8000, dtype=np.int16) + 100)
     assert audiotx.cache_path(root, table, cfg) != path  # changed size or mtime -> new key
     assert audiotx.load_clips(root, table, cfg)[0].abs().max() > 0
+
+
+# ---- fetching the data ----
+
+def esc50_zip(tmp_path, top="ESC-50-master", compression=zipfile.ZIP_DEFLATED, extra=()) -> bytes:
+    """A tiny dataset zipped in ESC-50's archive layout: top/audio/*.wav, top/meta/esc50.csv."""
+    data = write_dataset(tmp_path / f"zipped-{top}", folds=3, clips_per_fold=1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        for p in sorted(data.rglob("*")):
+            if p.is_file():
+                z.write(p, f"{top}/{p.relative_to(data)}")
+        for name in extra:
+            z.writestr(name, b"x")
+    return buf.getvalue()
+
+
+class Server:
+    """One payload over HTTP on 127.0.0.1. cut: how many of the next responses stop halfway and
+    hang up; ranges: whether Range requests are honoured (206) or ignored (200, whole body).
+    requests: each request's Range header (None without one)."""
+
+    def __init__(self, payload: bytes, cut=0, ranges=True, status=200):
+        self.payload, self.cut, self.ranges, self.status, self.requests = payload, cut, ranges, status, []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked = self.headers.get("Range")
+                owner.requests.append(asked)
+                if owner.status != 200:
+                    return self.send_error(owner.status)
+                start = int(asked[6:].split("-")[0]) if asked and owner.ranges else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(owner.payload) - start))
+                self.end_headers()
+                body = owner.payload[start:]
+                if owner.cut > 0:
+                    owner.cut, body, self.close_connection = owner.cut - 1, body[:len(body) // 2], True
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ESC-50-master.zip"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fetching(tmp_path, monkeypatch):
+    """No dataset anywhere and an empty cache: serve(payload) puts ESC-50's archive on a local
+    server and points AUDIOTX_ESC50_URL at it. Yields (serve, flags for a fast run, the cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("AUDIOTX_DATA", raising=False)
+    monkeypatch.setattr(audiotx, "DEFAULT_DATA", [])
+    monkeypatch.setattr(audiotx.time, "sleep", lambda seconds: None)  # retries without waiting
+    servers = []
+
+    def serve(payload, **kw):
+        servers.append(Server(payload, **kw))
+        monkeypatch.setenv("AUDIOTX_ESC50_URL", servers[-1].url)
+        return servers[-1]
+    yield serve, ["--out", str(tmp_path / "runs"), "--sample-rate", "8000", "--clip-seconds", "1",
+                  "--kfold", "2", "--epochs", "1", "--dim", "16"], tmp_path / "cache" / "audiotx"
+    for server in servers:
+        server.close()
+
+
+def test_a_first_run_fetches_checks_and_trains_and_a_second_fetches_nothing(fetching, tmp_path, capsys):
+    serve, args, cache = fetching
+    server = serve(esc50_zip(tmp_path))
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    assert "fetching ESC-50" in out and server.url in out and "--data" in out
+    assert server.requests == [None] and (cache / "ESC-50" / "meta" / "esc50.csv").is_file()
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith("waves-")) == ["ESC-50", "fetch.lock"]
+    assert (tmp_path / "runs" / "transformer-h2-test1-k2" / "metrics.json").is_file()
+    code, out, err = cli(args + ["--name", "again"], capsys)
+    assert code == 0 and "fetching" not in out and server.requests == [None]
+
+
+def test_a_corrupt_archive_stops_every_time_and_is_never_used(fetching, tmp_path, capsys):
+    serve, args, cache = fetching
+    payload = bytearray(esc50_zip(tmp_path, compression=zipfile.ZIP_STORED))
+    payload[len(payload) // 2] ^= 0xFF  # one byte inside a stored WAV: its CRC no longer matches
+    server = serve(bytes(payload))
+    for attempt in (1, 2):
+        code, _, err = cli(args, capsys)
+        assert_one_line_error(code, err, str(cache / "ESC-50.zip"))
+        assert "CRC" in err and "deleted" in err and len(server.requests) == attempt
+        assert not (cache / "ESC-50").exists() and not (cache / "ESC-50.zip").exists()
+    serve(b"<html>please log in to the proxy</html>")  # a page that is not a zip
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, "not a whole zip archive")
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_cut_transfer_is_never_unpacked_and_a_rerun_completes_it(fetching, tmp_path, capsys, ranges):
+    serve, args, cache = fetching
+    server = serve(esc50_zip(tmp_path), cut=4, ranges=ranges)  # every try of the first run cut
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, "could not fetch")
+    assert "run again to resume" in err and not (cache / "ESC-50").exists()
+    assert (cache / "ESC-50.zip.part").is_file() and not (cache / "ESC-50.zip").exists()
+    assert len(server.requests) == 4 and all(r and r.startswith("bytes=") for r in server.requests[1:])
+    server.cut = 1  # the rerun's first try is cut too, its second gets the rest
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    assert (cache / "ESC-50" / "audio").is_dir() and not (cache / "ESC-50.zip.part").exists()
+
+
+def test_a_failed_fetch_says_how_to_give_the_data_by_hand(fetching, tmp_path, capsys):
+    serve, args, _ = fetching
+    serve(b"", status=404)
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, "HTTP 404")
+    assert "--data" in err
+    with socket.socket() as s:  # a port nothing listens on: connection refused, as without a network
+        s.bind(("127.0.0.1", 0))
+        os.environ["AUDIOTX_ESC50_URL"] = f"http://127.0.0.1:{s.getsockname()[1]}/ESC-50.zip"
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, "could not fetch")
+    assert "AUDIOTX_DATA" in err
+
+
+@pytest.mark.parametrize("bad", ["../x.wav", "/tmp/abs.wav"])
+def test_zip_members_that_would_land_outside_are_refused(fetching, tmp_path, capsys, bad):
+    _, args, cache = fetching
+    archive = tmp_path / "evil.zip"
+    archive.write_bytes(esc50_zip(tmp_path, extra=[bad]))
+    code, _, err = cli(args + ["--data", str(archive)], capsys)
+    assert_one_line_error(code, err, repr(bad))
+    assert not (tmp_path / "x.wav").exists() and not Path("/tmp/abs.wav").exists()
+    assert not any(p.is_dir() for p in cache.glob("evil*"))
+
+
+def test_data_zip_trains_and_is_unpacked_once(fetching, tmp_path, capsys):
+    _, args, cache = fetching
+    archive = tmp_path / "Archive.zip"
+    archive.write_bytes(esc50_zip(tmp_path, top="ESC-10"))
+    code, out, err = cli(args + ["--data", str(archive)], capsys)
+    assert code == 0, err
+    assert f"unpacking {archive}" in out and len(list(cache.glob("Archive-*/audio"))) == 1
+    code, out, err = cli(args + ["--data", str(archive), "--name", "again"], capsys)
+    assert code == 0 and "unpacking" not in out
 
 
 # ---- training ----
