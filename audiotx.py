@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+SHIPPED_MODEL = HERE / "models" / "esc10-transformer-h4-test1-k4"  # what --predict uses without --run
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
 ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"  # $AUDIOTX_ESC50_URL wins
 ESC50_MB = 600  # the archive's size, for the line that says what a first run fetches
@@ -127,11 +128,14 @@ class Config:
     hparams: str = ""                # JSON file of settings (e.g. a tuning's best.json); flags still win
     bench: bool = False              # time every architecture on random clips, write out/bench.json, train nothing
     lr_find: bool = False            # LR range test on split 1's training clips: lr_find.csv/.svg, the suggested --lr
+    predict: list = dataclasses.field(default_factory=list)  # WAV files or folders to classify, train nothing
+    run: str = ""                    # --predict with this run's fold models; default: the model in models/
+    json: bool = False               # --predict: one JSON object per file on stdout
 
 
 # Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
-                    "threads", "report", "hparams", "bench", "tune", "lr_find"}  # hparams: its settings are in the others
+                    "threads", "report", "hparams", "bench", "tune", "lr_find", "predict", "run", "json"}  # hparams: its settings are in the others
 CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
            "precision": ["auto", "fp32", "bf16"],
@@ -152,6 +156,8 @@ def parse_args(argv=None) -> Config:
         flag, helptext = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + " (default: %(default)s)"
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif f.type is list:
+            parser.add_argument(flag, nargs="+", default=[], metavar="PATH", help=helptext)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             kind = float_or_auto if f.name == "lr" else kind
@@ -601,11 +607,17 @@ def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
     return cache_root() / f"waves-{h.hexdigest()[:16]}.npy"
 
 
+def to_rate(wave, rate: int, target_rate: int):
+    """A float32 wave (L,) at rate resampled to target_rate (polyphase, scipy)."""
+    if rate == target_rate:
+        return wave
+    g = math.gcd(rate, target_rate)
+    return scipy.signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
+
+
 def fit_clip(wave, rate, target_rate, n_samples):
     """Resample to target_rate, then pad with zeros or crop (centred) to n_samples."""
-    if rate != target_rate:
-        g = math.gcd(rate, target_rate)
-        wave = scipy.signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
+    wave = to_rate(wave, rate, target_rate)
     if len(wave) < n_samples:
         return np.pad(wave, (0, n_samples - len(wave)))
     start = (len(wave) - n_samples) // 2
@@ -1342,6 +1354,89 @@ def differences(saved: dict, cfg: Config) -> str:
     """Settings in which cfg differs from a saved run's, as flags ('' when none)."""
     return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
                      for k, v in result_settings(cfg).items() if saved.get(k) != v)
+
+
+# ----------------------------------------------------------------------------------------
+# prediction on a user's own recordings
+# ----------------------------------------------------------------------------------------
+
+def load_fold_models(run_dir: Path) -> tuple:
+    """(config, classes, the fold models) of a finished run: config.json, metrics.json and
+    fold<i>/model.pt, loaded with weights_only (a model file from elsewhere cannot run code)."""
+    paths = sorted(run_dir.glob("fold*/model.pt"))
+    if not paths or not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+        classes = saved["classes"]
+        models = [build_model(cfg, len(classes)) for _ in paths]
+        for model, path in zip(models, paths):
+            model.load_state_dict(load_checked(path))  # half-precision files load into float32
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    return cfg, classes, [m.to(PROC.device).eval() for m in models]
+
+
+def wav_files(paths: list) -> list:
+    """Each PATH, or a folder's *.wav files, recursively, in name order."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
+    return files
+
+
+def windows(wave, n: int) -> tuple:
+    """A wave (L,) as clip-length windows (W, n): a shorter one padded as in training, a longer one
+    cut at a hop of half a window, the last ending at the end. -> (windows, starts in samples)."""
+    if len(wave) <= n:
+        return F.pad(wave, (0, n - len(wave)))[None], [0]
+    starts = list(range(0, len(wave) - n + 1, n // 2))
+    starts += [len(wave) - n] if starts[-1] != len(wave) - n else []
+    return torch.stack([wave[s:s + n] for s in starts]), starts
+
+
+def predict_files(cfg: Config) -> int:
+    """--predict: the fold models' averaged probabilities for each file (each window's, averaged
+    over its windows); one line per file, or JSON lines. A file that cannot be read is named on
+    stderr and skipped; the exit status is then 2."""
+    run_cfg, classes, models = load_fold_models(Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL)
+    precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
+    n, rate = round(run_cfg.sample_rate * run_cfg.clip_seconds), run_cfg.sample_rate
+    decoded, failed = [], 0
+    for path in wav_files(cfg.predict):
+        try:
+            wave, file_rate = load_wav(path)
+        except (UserError, OSError) as e:  # OSError: absent, a folder, no permission
+            print(f"audiotx: error: {e if isinstance(e, UserError) else f'{path}: {e.strerror}'}", file=sys.stderr)
+            failed += 1
+            continue
+        wave = torch.from_numpy(to_rate(wave, file_rate, rate))
+        decoded.append((path, len(wave) / rate, *windows(wave, n)))
+    if decoded:  # every window of every file in one pass of batches, through each fold model
+        probs = sum(predict(m, torch.cat([d[2] for d in decoded]), precision) for m in models) / len(models)
+        width = max(len(str(d[0])) for d in decoded)
+        for (path, seconds, _, starts), p in zip(decoded, probs.split([len(d[3]) for d in decoded])):
+            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate, width))
+    return 2 if failed else 0
+
+
+def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bool, rate: int,
+                    width: int) -> str:
+    """One file's answer: its path and top 3 classes, or a JSON object (with its windows when
+    the file is longer than one)."""
+    mean = probs.double().mean(0)  # (K,)
+    named = lambda p: {c: round(float(v), 6) for c, v in zip(classes, p)}  # noqa: E731
+    if not as_json:
+        top = mean.argsort(descending=True)[:3].tolist()
+        name = max(map(len, classes))
+        return f"{str(path):<{width}}" + "".join(f"  {classes[c]:<{name}} {float(mean[c]):.3f}" for c in top)
+    out = {"file": str(path), "pred": classes[int(mean.argmax())], "probs": named(mean)}
+    if len(starts) > 1:
+        out["windows"] = [{"start": round(s / rate, 4), "end": round(min(s / rate + window_s, seconds), 4),
+                           "pred": classes[int(p.argmax())], "probs": named(p)} for s, p in zip(starts, probs)]
+    return json.dumps(out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2292,6 +2387,8 @@ def main(argv=None) -> int:
         start_processes(cfg)
         if PROC.world > 1 and (cfg.report or cfg.bench):
             raise UserError("--report and --bench run in one process: leave out torchrun")
+        if cfg.predict:
+            return predict_files(cfg)
         if cfg.report:
             write_report(Path(cfg.report))
         elif cfg.bench:

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -592,6 +593,99 @@ def test_data_zip_trains_and_is_unpacked_once(fetching, tmp_path, capsys):
     assert f"unpacking {archive}" in out and len(list(cache.glob("Archive-*/audio"))) == 1
     code, out, err = cli(args + ["--data", str(archive), "--name", "again"], capsys)
     assert code == 0 and "unpacking" not in out
+
+
+# ---- prediction on a user's recordings ----
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny finished run (fold 1 held out) and its dataset, shared by the --predict tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    root = write_dataset(tmp / "data", folds=3, clips_per_fold=2)
+    res = run_cli(["--data", str(root), "--out", str(tmp / "runs"), "--sample-rate", "8000", "--clip-seconds", "1",
+                   "--kfold", "2", "--epochs", "2", "--dim", "16"], env_extra={"XDG_CACHE_HOME": str(tmp / "cache")})
+    assert res.returncode == 0, res.stderr
+    return root, tmp / "runs" / "transformer-h2-test1-k2"
+
+
+def predict_cli(args, capsys):
+    code, out, err = cli(["--predict", *args], capsys)
+    return code, out.splitlines(), err
+
+
+def test_predict_reproduces_the_runs_averaged_fold_models(trained, capsys):
+    root, run = trained
+    rows = [r for r in read_rows(run / "predictions.csv") if r["split"] == "test"]
+    classes = json.loads((run / "config.json").read_text())["classes"]
+    expect = {}
+    for r in rows:  # the test rows hold each fold model's probabilities: their mean is the ensemble
+        expect.setdefault(r["filename"], []).append([float(r[f"p_{c}"]) for c in classes])
+    files = sorted(expect)
+    code, lines, err = predict_cli([str(root / "audio" / f) for f in files] + ["--run", str(run), "--json"], capsys)
+    assert code == 0, err
+    got = [json.loads(line) for line in lines]
+    assert [Path(g["file"]).name for g in got] == files and "windows" not in got[0]
+    for g, f in zip(got, files):
+        mean = np.mean(expect[f], axis=0)
+        assert [g["probs"][c] for c in classes] == pytest.approx(mean, abs=1e-3)
+        assert g["pred"] == classes[int(mean.argmax())] and sum(g["probs"].values()) == pytest.approx(1, abs=1e-4)
+    code, lines, _ = predict_cli([str(root / "audio" / files[0]), "--run", str(run)], capsys)  # the text form
+    top = lines[0].split()
+    assert code == 0 and len(lines) == 1 and top[0].endswith(files[0]) and len(top) == 7
+    assert top[1] == got[0]["pred"] and float(top[2]) >= float(top[4]) >= float(top[6])
+
+
+def test_predict_cuts_a_long_stereo_48k_file_into_windows_that_tile_it(trained, tmp_path, capsys):
+    _, run = trained  # clips of 1 s: a 3.3 s file gives windows at 0, 0.5, ..., 2.0 and 2.3 s
+    t = np.arange(int(3.3 * 48000)) / 48000
+    stereo = np.stack([np.sin(2 * np.pi * 600 * t), np.sin(2 * np.pi * 900 * t)], axis=1) * 0.3
+    scipy.io.wavfile.write(tmp_path / "long.wav", 48000, (stereo * 32767).astype(np.int16))
+    scipy.io.wavfile.write(tmp_path / "short.wav", 22050, (stereo[:9600, 0] * 32767).astype(np.int16))
+    code, lines, err = predict_cli([str(tmp_path / "long.wav"), str(tmp_path / "short.wav"), "--run", str(run),
+                                    "--json"], capsys)
+    assert code == 0, err
+    long, short = map(json.loads, lines)
+    spans = [(w["start"], w["end"]) for w in long["windows"]]
+    assert spans[0][0] == 0 and spans[-1][1] == pytest.approx(3.3, abs=1e-3) and len(spans) == 6
+    assert all(e - s == pytest.approx(1.0, abs=1e-3) for s, e in spans)
+    assert all(b[0] <= a[1] for a, b in zip(spans, spans[1:]))  # no gap between windows
+    mean = np.mean([[w["probs"][c] for c in long["probs"]] for w in long["windows"]], axis=0)
+    assert list(long["probs"].values()) == pytest.approx(mean, abs=1e-5)  # the file's answer is their mean
+    assert "windows" not in short  # shorter than a window: padded, one answer
+
+
+def test_predict_walks_a_folder_and_names_a_bad_file_among_good_ones(trained, tmp_path, capsys):
+    root, run = trained
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    good = sorted((root / "audio").glob("*.wav"))[:2]
+    (tmp_path / "in" / "a.wav").write_bytes(good[0].read_bytes())
+    (tmp_path / "in" / "bad.wav").write_text("this is a text file")
+    (tmp_path / "in" / "sub" / "c.WAV").write_bytes(good[1].read_bytes())
+    code, lines, err = predict_cli([str(tmp_path / "in"), "--run", str(run)], capsys)
+    assert code == 2 and [Path(line.split()[0]).name for line in lines] == ["a.wav", "c.WAV"]
+    assert err.count("\n") == 1 and "bad.wav" in err and "Traceback" not in err
+
+
+def test_predict_refuses_a_run_without_models_or_with_damaged_ones(trained, tmp_path, capsys):
+    root, run = trained
+    clip = str(next((root / "audio").glob("*.wav")))
+    assert_one_line_error(*predict_cli([clip, "--run", str(tmp_path)], capsys)[::2], str(tmp_path))
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("wandb"))
+    (broken / "fold2" / "model.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(*predict_cli([clip, "--run", str(broken)], capsys)[::2], "model.pt")
+
+
+@needs_real_data
+def test_the_shipped_model_classifies_official_fold_1(capsys):
+    """The model in the repository was never trained on fold 1: it must still classify it well."""
+    clips = sorted((REAL_DATA / "audio").glob("1-*.wav"))
+    code, lines, err = predict_cli([str(c) for c in clips] + ["--json"], capsys)
+    assert code == 0, err
+    table = {r["filename"]: r["category"] for r in read_rows(REAL_DATA / "meta" / "esc50.csv")}
+    answers = [json.loads(line) for line in lines]
+    right = sum(a["pred"] == table[Path(a["file"]).name] for a in answers)
+    assert len(answers) == 80 and right / 80 >= 0.8
 
 
 # ---- training ----
