@@ -531,15 +531,10 @@ def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
 def read_esc(data_dir: Path, subset: str) -> list:
     """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
     meta = data_dir / "meta" / "esc50.csv"
-    if meta.is_file():
-        with open(meta, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = rows_from_names(data_dir, meta)
-    check_columns(meta, rows, {"filename", "fold", "category"})
-    numbered = list(enumerate(rows, start=2))  # csv line numbers, for the errors
-    if subset == "esc10" and "esc10" in rows[0]:
-        numbered = [(line, r) for line, r in numbered if r["esc10"].strip().lower() == "true"]
+    numbered = read_meta(meta) if meta.is_file() else list(enumerate(rows_from_names(data_dir, meta), 2))
+    check_columns(meta, numbered, {"filename", "fold", "category"})
+    if subset == "esc10" and "esc10" in numbered[0][1]:
+        numbered = [(line, r) for line, r in numbered if r["esc10"].lower() == "true"]
     table = []
     for line, r in numbered:
         match = ESC_NAME.match(r["filename"])
@@ -553,25 +548,44 @@ def read_urbansound(data_dir: Path, meta: Path) -> list:
     recording (fsID) a slice was cut from as its source, so no recording crosses a split."""
     if not meta.is_file():
         raise UserError(f"{meta}: missing (--dataset urbansound8k expects it and audio/fold<k>/)")
-    with open(meta, newline="") as f:
-        rows = list(csv.DictReader(f))
-    check_columns(meta, rows, {"slice_file_name", "fsID", "fold", "class"})
-    table = [table_row(data_dir, meta, line, f"fold{r['fold'].strip()}/{r['slice_file_name']}", r["fold"],
-                       r["class"], r["fsID"]) for line, r in enumerate(rows, start=2)]
+    numbered = read_meta(meta)
+    check_columns(meta, numbered, {"slice_file_name", "fsID", "fold", "class"})
+    table = [table_row(data_dir, meta, line, f"fold{r['fold']}/{r['slice_file_name']}", r["fold"],
+                       r["class"], r["fsID"], ("slice_file_name", "class")) for line, r in numbered]
     return checked_table(meta, table, "UrbanSound8K")
 
 
-def check_columns(meta: Path, rows: list, needed: set):
-    missing = needed - set(rows[0] if rows else {})
+def read_meta(path: Path) -> list:
+    """A metadata table as (line number, {column: value}), names and values stripped, read the same
+    after a spreadsheet saved it: a byte-order mark, Windows line ends, quoted fields, ';' as the
+    separator, empty rows, columns in another order or added."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # a spreadsheet's own 8-bit encoding; the columns we read are ASCII
+        text = raw.decode("cp1252", errors="replace")
+    first = text.split("\n", 1)[0]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=";" if first.count(";") > first.count(",") else ",")
+    header = [h.strip() for h in next(reader, [])]
+    return [(reader.line_num, dict(zip(header, [c.strip() for c in cells] + [""] * len(header))))
+            for cells in reader if any(c.strip() for c in cells)]
+
+
+def check_columns(meta: Path, numbered: list, needed: set):
+    missing = needed - set(numbered[0][1] if numbered else {})
     if missing:
         raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
 
 
-def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str, src: str) -> dict:
+def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str, src: str,
+              columns=("filename", "category")) -> dict:
+    """One clip of the table; columns name the file's and the class's columns for the errors."""
     if not (data_dir / "audio" / filename).is_file():
-        raise UserError(f"{meta} row {line}: audio/{filename} does not exist")
-    if not fold.strip().isdigit() or int(fold) < 1:
-        raise UserError(f"{meta} row {line}: fold {fold!r} is not a positive whole number")
+        raise UserError(f"{meta} row {line}, column {columns[0]}: audio/{filename} does not exist")
+    if not category:
+        raise UserError(f"{meta} row {line}, column {columns[1]}: empty")
+    if not fold.isdigit() or int(fold) < 1:
+        raise UserError(f"{meta} row {line}, column fold: {fold!r} is not a positive whole number")
     return {"filename": filename, "fold": int(fold), "category": category, "src_file": src}
 
 

@@ -887,9 +887,49 @@ def test_csv_problems_name_the_file_row_or_column(quick, capsys):
     victim = lines[3].split(",")[0]
     meta.write_text(text)
     (root / "audio" / victim).unlink()
-    assert_one_line_error(*cli(args, capsys)[::2], f"row 4: audio/{victim}")
+    assert_one_line_error(*cli(args, capsys)[::2], f"row 4, column filename: audio/{victim}")
     meta.write_text("\n".join(l for l in lines if ",class0," in l or l.startswith("filename")) + "\n")
     assert_one_line_error(*cli(args, capsys)[::2], "fewer than two classes")
+
+
+SAVES = ["bom", "crlf", "quoted", "blank rows", "reordered", "extra column", "semicolons"]
+
+
+def as_spreadsheet_saves(meta: Path, saves, edit=None):
+    """Rewrite meta as a spreadsheet would, with the given habits; edit(rows) may change cells."""
+    header, *rows = list(csv.reader(meta.read_text().splitlines()))
+    if edit:
+        edit(header, rows)
+    if "extra column" in saves:
+        header, rows = header + ["notes"], [r + ["seen, twice"] for r in rows]
+    if "reordered" in saves:
+        header, rows = header[::-1], [r[::-1] for r in rows]
+    buf, sep = io.StringIO(), ";" if "semicolons" in saves else ","
+    csv.writer(buf, delimiter=sep, lineterminator="\r\n" if "crlf" in saves else "\n",
+               quoting=csv.QUOTE_ALL if "quoted" in saves else csv.QUOTE_MINIMAL).writerows([header] + rows)
+    text = buf.getvalue() + (f"\n{sep * 7}\n\n" if "blank rows" in saves else "")  # an emptied row, blank lines
+    meta.write_bytes(("\ufeff" if "bom" in saves else "").encode() + text.encode())
+
+
+@pytest.mark.parametrize("saves", [[s] for s in SAVES] + [SAVES])
+def test_metadata_saved_by_a_spreadsheet_reads_the_same(quick, capsys, saves):
+    root, args = quick
+    expect = [audiotx.read_table(root, subset) for subset in ("esc10", "esc50")]  # esc50: every row
+    as_spreadsheet_saves(root / "meta" / "esc50.csv", saves)
+    assert [audiotx.read_table(root, subset) for subset in ("esc10", "esc50")] == expect
+    if saves == SAVES:  # and it trains
+        code, _, err = cli(args, capsys)
+        assert code == 0, err
+
+
+@pytest.mark.parametrize("column,value", [("fold", "x"), ("category", " "), ("filename", "nope.wav")])
+def test_a_wrong_cell_of_a_spreadsheet_saved_table_is_named_by_row_and_column(quick, capsys, column, value):
+    root, args = quick
+
+    def edit(header, rows):
+        rows[2][header.index(column)] = value  # the third clip: line 4 of the file
+    as_spreadsheet_saves(root / "meta" / "esc50.csv", ["bom", "crlf", "quoted", "blank rows"], edit)
+    assert_one_line_error(*cli(args, capsys)[::2], f"esc50.csv row 4, column {column}:")
 
 
 def test_missing_csv_falls_back_to_esc50_file_names(quick, capsys):
