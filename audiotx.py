@@ -111,6 +111,7 @@ class Config:
     shift: bool = True               # random circular time shift of each training clip
     gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
     stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
+    select: str = "best"             # best | final: each fold's tested and saved model, its best validation epoch or its last
     seed: int = 0                    # fold i is seeded with seed + i
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
@@ -138,7 +139,7 @@ REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wand
                     "threads", "report", "hparams", "bench", "tune", "lr_find", "predict", "run", "json"}  # hparams: its settings are in the others
 CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
            "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
-           "precision": ["auto", "fp32", "bf16"],
+           "precision": ["auto", "fp32", "bf16"], "select": ["best", "final"],
            "wandb": ["auto", "online", "offline", "disabled"]}
 
 
@@ -1285,7 +1286,8 @@ def load_state(path: Path, cfg: Config):
 
 
 def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress, lengths=None):
-    """Train one fold for cfg.epochs, resuming from fold_dir/state.pt; return the chosen model.
+    """Train one fold for cfg.epochs, resuming from fold_dir/state.pt. Returns (the chosen model,
+    its epoch, the history, the last epoch's validation probabilities (N_val, K)).
     Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
     train_idx, val_idx = split
     torch.manual_seed(cfg.seed + fold)
@@ -1334,8 +1336,10 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)
         progress(fold, row)
-    model.load_state_dict(state["best"]["model"])
-    return model, state["best"]["epoch"], state["history"]
+    final_val = predict(model, val_w, cfg.precision, val_n)  # the last epoch's: chosen by nothing
+    if cfg.select == "best":
+        model.load_state_dict(state["best"]["model"])
+    return model, state["best"]["epoch"] if cfg.select == "best" else cfg.epochs, state["history"], final_val
 
 
 def rng_states() -> list:
@@ -1513,7 +1517,7 @@ def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds
     for fold in range(1, n_folds + 1):
         fold_dir = trial_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, history = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
+        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
                                    len(ds.classes), tracker, lambda *_: None, clips[1])
         tail = max(1, len(history) // 10)
         accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
@@ -1743,14 +1747,17 @@ def versions() -> dict:
             "scipy": scipy.__version__}
 
 
-def print_summary(metrics: dict):
+def print_summary(metrics: dict, select: str):
+    """The pooled validation of the last epoch and, with --select best, of the best epoch: that
+    one chose each fold's epoch on the fold itself, so it is optimistic."""
     print("\n" + "-" * 72)
-    print(f"{'set':<22}{'accuracy':>10}{'macro F1':>10}{'macro AUC':>11}")
-    for key, label in (("val", "validation (pooled)"), ("test", "test (fold models)"),
-                       ("ensemble_test", "test (ensemble)")):
+    print(f"{'set':<40}{'accuracy':>10}{'macro F1':>10}{'macro AUC':>11}")
+    for key, label in (("val_final", "validation, final epoch (pooled)"),
+                       ("val", "validation, best epoch (optimistic)" if select == "best" else ""),
+                       ("test", "test (fold models)"), ("ensemble_test", "test (ensemble)")):
         m = metrics.get(key)
-        if m:
-            print(f"{label:<22}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
+        if m and label:
+            print(f"{label:<40}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
     if metrics["test"]:
         print(f"test accuracy over fold models: {metrics['test_mean']:.4f} +- {metrics['test_std']:.4f}")
     p = metrics["params"]
@@ -1847,13 +1854,17 @@ def load_runs(root: Path) -> list:
 
 
 def headline(run) -> dict:
-    """The numbers of one configuration that the tables compare."""
+    """The numbers of one configuration that the tables compare: validation accuracy of each fold's
+    last epoch (its history's last row), which nothing chose, and of its best (optimistic)."""
     m, folds = run["metrics"], run["metrics"]["folds"]
-    val = [f["val"]["accuracy"] for f in folds]
-    shown = m["test"] or m["val"]
+    val = [float(h[-1]["val_acc"]) for h in run["histories"]]
+    best = [f["val"]["accuracy"] for f in folds]
+    shown = m["test"] or m.get("val_final") or m["val"]
     return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
+            "best_mean": float(np.mean(best)),
             "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
-            "f1": shown["macro_f1"], "auc": shown["macro_auc"], "on": "test" if m["test"] else "val (pooled)"}
+            "f1": shown["macro_f1"], "auc": shown["macro_auc"],
+            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m else "val, best epoch"}
 
 
 def split_label(config) -> str:
@@ -1862,16 +1873,16 @@ def split_label(config) -> str:
 
 
 def config_table(runs) -> list:
-    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc (folds) | "
-             "test acc (fold models) | ensemble test acc | macro F1 | macro AUC | F1/AUC on | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc, final epoch | "
+             "val acc, best epoch (optimistic) | test acc (fold models) | ensemble test acc | macro F1 | "
+             "macro AUC | F1/AUC on | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, m, h = r["config"], r["metrics"], headline(r)
         test = f"{m['test_mean']:.3f} ± {m['test_std']:.3f}" if m["test"] else "-"
         ens = f"{m['ensemble_test']['accuracy']:.3f}" if m["ensemble_test"] else "-"
         lines.append(f"| {r['name']} | {c['arch']} | {c['heads'] if c['arch'] == 'transformer' else '-'} | "
                      f"{split_label(c)} | {m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
-                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
+                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {h['best_mean']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
                      f"{h['on']} | {m['seconds'] / 60:.1f} |")
     return lines
 
@@ -1945,7 +1956,8 @@ def class_comparison(group) -> list:
     if not cnn or not tfs:
         return []
     tf = max(tfs, key=lambda r: headline(r)["val_mean"])
-    a, b = cnn[0]["metrics"]["val"]["per_class"], tf["metrics"]["val"]["per_class"]
+    on = lambda r: r["metrics"].get("val_final") or r["metrics"]["val"]  # noqa: E731
+    a, b = on(cnn[0])["per_class"], on(tf)["per_class"]
     lines = [f"Per-class F1 on the pooled validation predictions, `{tf['name']}` against `{cnn[0]['name']}`:", "",
              "| class | cnn F1 | transformer F1 | transformer − cnn |", "|---|---|---|---|"]
     for c in sorted(a, key=lambda c: b[c]["f1"] - a[c]["f1"]):
@@ -1963,9 +1975,9 @@ def heads_comparison(group) -> list:
 
 
 def shown_predictions(run):
-    """("test", the test fold's rows of predictions.csv), or ("val", every row) without a test fold."""
+    """(split, its rows of predictions.csv): the test fold's, else the last epoch's validation."""
     rows = read_csv(run["dir"] / "predictions.csv")
-    split = "test" if any(r["split"] == "test" for r in rows) else "val"
+    split = next(s for s in ("test", "val_final", "val") if any(r["split"] == s for r in rows))
     return split, [r for r in rows if r["split"] == split]
 
 
@@ -1976,7 +1988,8 @@ def misclassified(run) -> list:
     classes = run["metrics"]["classes"]
     wrong = [r for r in rows if r["label"] != r["pred"]]
     n = len(rows)
-    on = "test fold, every fold model" if split == "test" else "pooled validation folds"
+    on = {"test": "test fold, every fold model", "val_final": "pooled validation folds, final epoch",
+          "val": "pooled validation folds, best epoch"}[split]
     lines = [f"### `{run['name']}`: {len(wrong)} of {n} predictions wrong ({on})", "",
              "| clip | true class | predicted | p(true) | p(predicted) | fold model |", "|---|---|---|---|---|---|"]
     for r in sorted(wrong, key=lambda r: (r["filename"], int(r["fold"]))):
@@ -2102,12 +2115,12 @@ def run_figures(run, fig_dir: Path) -> list:
                         title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
                         ylabel=kind)
         write_text(fig_dir / f"{name}-{kind}.svg", svg)
-    shown = m["test"] or m["val"]
+    shown = m["test"] or m.get("val_final") or m["val"]
     roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
             [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
     grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
     macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
-    on = "test" if m["test"] else "pooled validation"
+    on = "test" if m["test"] else "pooled validation, final epoch" if "val_final" in m else "pooled validation"
     write_text(fig_dir / f"{name}-roc.svg", svg_lines(
         roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
         title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
@@ -2239,12 +2252,12 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
     (waves, lengths), split, test_idx, labels, classes = clips, ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
-    model, best_epoch, history = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes), tracker,
-                                            progress, lengths)
+    model, epoch, history, final_val = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes),
+                                                  tracker, progress, lengths)
     on = lambda idx: (waves[idx], cfg.precision, None if lengths is None else lengths[idx])  # noqa: E731
-    res = {"best_epoch": best_epoch, "seconds": sum(r["seconds"] for r in history),
+    res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history), "val_final": final_val,
            "val": predict(model, *on(split[1])), "test": predict(model, *on(test_idx)) if len(test_idx) else None}
-    shown = "test" if len(test_idx) else "val"
+    shown = "test" if len(test_idx) else "val_final"
     shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
     tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
     tracker.finish()
@@ -2256,23 +2269,25 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
 
 
 def pooled(results, labels, splits, test_idx, split: str):
-    """Every fold model's predictions on `split` ("val": each its own fold; "test": the test
-    fold), stacked: (labels (N,), probs (N, K) float64)."""
+    """Every fold model's predictions on `split` ("val" or "val_final": each its own fold, by the
+    chosen or the last epoch; "test": the test fold), stacked: (labels (N,), probs (N, K) float64)."""
     if split == "test":
         return labels[test_idx].repeat(len(results)), torch.cat([r["test"] for r in results]).double()
-    return labels[np.concatenate([v for _, v in splits])], torch.cat([r["val"] for r in results]).double()
+    return labels[np.concatenate([v for _, v in splits])], torch.cat([r[split] for r in results]).double()
 
 
 def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
     """Pooled out-of-fold validation, the fold models on the test fold, and their ensemble."""
     folds = []
     for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
-        fm = {"fold": fold, "best_epoch": res["best_epoch"], "seconds": res["seconds"],
-              "val": summarize(labels[val_idx], res["val"], classes)}
+        fm = {"fold": fold, "chosen_epoch": res["chosen_epoch"], "seconds": res["seconds"],
+              "val": summarize(labels[val_idx], res["val"], classes),
+              "val_final": summarize(labels[val_idx], res["val_final"], classes)}
         if res["test"] is not None:
             fm["test"] = summarize(labels[test_idx], res["test"], classes)
         folds.append(fm)
     metrics = {"val": summarize(*pooled(results, labels, splits, test_idx, "val"), classes),
+               "val_final": summarize(*pooled(results, labels, splits, test_idx, "val_final"), classes),
                "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
     if len(test_idx):
         accs = [fm["test"]["accuracy"] for fm in folds]
@@ -2284,15 +2299,16 @@ def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
 
 
 def write_results(run_dir, results, labels, splits, test_idx, filenames, classes):
-    """predictions.csv for every validation and test prediction; roc.csv for the test set
-    (the pooled validation predictions when there is none)."""
+    """predictions.csv for every validation (chosen and last epoch) and test prediction; roc.csv
+    for the test set (the last epoch's pooled validation predictions when there is none)."""
     rows = []
     for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
-        rows += prediction_rows(fold, "val", [filenames[i] for i in val_idx], labels[val_idx], res["val"])
+        for split in ("val", "val_final"):
+            rows += prediction_rows(fold, split, [filenames[i] for i in val_idx], labels[val_idx], res[split])
         if res["test"] is not None:
             rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
     write_predictions(run_dir, rows, classes)
-    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val")
+    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val_final")
     write_roc(run_dir, roc_labels.numpy(), roc_probs.numpy(), classes)
     return roc_labels.numpy(), roc_probs.numpy()
 
@@ -2386,10 +2402,10 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
                                           [r["filename"] for r in ds.table], classes)
     write_json(run_dir / "metrics.json", metrics)
     tracker.start("summary")
-    tracker.summary(metrics["test"] or metrics["val"], roc_labels, roc_probs, classes,
-                    "test" if metrics["test"] else "val")
+    tracker.summary(metrics["test"] or metrics["val_final"], roc_labels, roc_probs, classes,
+                    "test" if metrics["test"] else "val_final")
     tracker.finish()
-    print_summary(metrics)
+    print_summary(metrics, cfg.select)
     if tracker.mode == "offline":
         print(f"W&B offline runs: {run_dir / 'wandb'} (upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
     return metrics

@@ -104,6 +104,8 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
              for s in ("val", "test")}
     labels = {s: np.array([int(r["label"]) for r in rows if r["split"] == s]) for s in ("val", "test")}
     assert len(set(r["filename"] for r in rows if r["split"] == "val")) == len(labels["val"])  # each clip once
+    assert sorted(r["filename"] for r in rows if r["split"] == "val_final") == sorted(
+        r["filename"] for r in rows if r["split"] == "val")
     sets = [("val", labels["val"], probs["val"])]
     if has_test:
         test_rows = [r for r in rows if r["split"] == "test"]
@@ -127,6 +129,11 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
         roc = list(csv.DictReader(f))
     assert list(roc[0]) == ["class", "fpr", "tpr"] and {r["class"] for r in roc} == set(classes)
     assert set(metrics["params"]) == {"trainable", "non_trainable", "buffers"}
+    # the last epoch's validation, predicted after training, scores what training logged for that epoch
+    n_val = [m["val"]["n"] for m in metrics["folds"]]
+    last = [float(read_rows(run_dir / f"fold{i}" / "history.csv")[-1]["val_acc"]) for i in range(1, k + 1)]
+    assert [m["val_final"]["accuracy"] for m in metrics["folds"]] == pytest.approx(last, abs=1e-6)
+    assert metrics["val_final"]["accuracy"] == pytest.approx(np.dot(last, n_val) / sum(n_val), abs=1e-6)
     return config, metrics
 
 
@@ -807,6 +814,19 @@ def test_every_architecture_and_split_on_synthetic_data(tmp_path, monkeypatch, a
     assert config["classes"] == ["class0", "class1", "class2"]
     assert (metrics["test"] or metrics["val"])["n"] == (4 * 6 if test_fold else 30)
     assert not list(out.rglob("wandb"))  # --wandb disabled by the environment: no W&B files at all
+
+
+def test_select_final_tests_and_saves_the_last_epoch(quick, capsys):
+    """--select final: no fold chooses an epoch, so the validation it reports is the final epoch's."""
+    _, args = quick
+    code, out, err = cli(args + ["--epochs", "3", "--select", "final"], capsys)
+    assert code == 0, err
+    metrics = json.loads(next(Path(args[args.index("--out") + 1]).glob("*/metrics.json")).read_text())
+    for fold in metrics["folds"]:
+        assert fold["chosen_epoch"] == 3 and fold["val"] == fold["val_final"]
+    assert "optimistic" not in out and "validation, final epoch" in out
+    code, out, _ = cli(args + ["--epochs", "3", "--name", "best"], capsys)
+    assert code == 0 and "validation, best epoch (optimistic)" in out
 
 
 def test_wandb_offline_stays_inside_the_run_folder(tmp_path):
