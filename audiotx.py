@@ -22,6 +22,7 @@ and fold-1 test 0.838 (ensemble 0.887).
 """
 
 import argparse
+import base64
 import contextlib
 import csv
 import dataclasses
@@ -36,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1774,12 +1776,14 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
           "#bcbd22", "#17becf", "#000000"]
 
 
-def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320):
-    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs)."""
+def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320, x_integer=False):
+    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs);
+    x_integer: x ticks at whole numbers only (epochs)."""
     left, right, top, bottom = 55, 150, 30, 42
     xs = np.concatenate([np.asarray(s[1], float) for s in series])
     ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
-    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    xticks, yticks = nice_ticks(xs.min(), xs.max(), integer=x_integer), nice_ticks(ys.min(), ys.max())
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
     px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
     py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
@@ -1788,11 +1792,9 @@ def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320):
            f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">{xml_escape(xlabel)}</text>',
            f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{xml_escape(ylabel)}</text>',
            f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
-    for t in np.linspace(0, 1, 5):
-        xv, yv = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
-        out += [f'<text x="{px(xv):.1f}" y="{h - bottom + 14}" text-anchor="middle">{xv:.3g}</text>',
-                f'<text x="{left - 4}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>',
-                f'<path d="M{left},{py(yv):.1f} H{w - right}" stroke="#ddd"/>']
+    out += [f'<text class="x" x="{px(v):.1f}" y="{h - bottom + 14}" text-anchor="middle">{v:g}</text>' for v in xticks]
+    out += [f'<text class="y" x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
+            f'<path d="M{left},{py(v):.1f} H{w - right}" stroke="#ddd"/>' for v in yticks]
     for i, (label, sx, sy, band) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         if band is not None:
@@ -1807,14 +1809,28 @@ def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320):
     return "\n".join(out) + "\n</svg>\n"
 
 
+def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> list:
+    """Ticks at whole multiples of a round step (1, 2, 2.5 or 5 times a power of ten; at least 1
+    for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
+    if hi == lo:  # one value: a range around it
+        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
+    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20) for m in (1, 2, 2.5, 5))
+    for step in sorted(st for st in steps if st >= 1 or not integer):
+        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        if last - first + 1 <= most:
+            return [round(k * step, 12) for k in range(first, last + 1)]
+    return [lo, hi]
+
+
 def svg_confusion(cm, classes, title):
     """Confusion matrix heat map with counts; rows true, columns predicted."""
     cm = np.asarray(cm)
-    cell, left, top = 30, 110, 40
+    label = 7 * max(len(str(c)) for c in classes) + 10  # room for the longest class name at 12 px
+    cell, left, top = 34, label + 20, 40
     size = len(classes) * cell
-    w, h = left + size + 20, top + size + 100
+    w, h = left + size + 20, top + size + label + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="10"><rect width="{w}" height="{h}" fill="white"/>',
+           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{xml_escape(title)}</text>',
            f'<text x="{left + size / 2}" y="{h - 6}" text-anchor="middle">predicted</text>',
            f'<text x="10" y="{top - 8}">true</text>']
@@ -2029,17 +2045,57 @@ def chosen_clips(run) -> list:
     return picked
 
 
-def svg_over_wave(wave, curves, *, title, seconds):
-    """The clip's envelope (peak per 400th, scaled to 1) with curves over time laid on it."""
-    env = wave[:len(wave) // 400 * 400].abs().view(400, -1).amax(1).numpy()
-    env = env / max(env.max(), 1e-12)
-    t_env = (np.arange(400) + 0.5) * seconds / 400
-    series = [("envelope", t_env, env, (np.zeros_like(env), env))]
-    for label, curve in curves:
-        curve = np.asarray(curve, float)
-        series.append((label, (np.arange(len(curve)) + 0.5) * seconds / len(curve), curve / max(curve.max(), 1e-12),
-                       None))
-    return svg_lines(series, title=title, xlabel="seconds", ylabel="each scaled to a peak of 1")
+def png(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes (zlib-compressed rows, each after filter byte 0)."""
+    h, w, _ = rgb.shape
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
+                               + struct.pack(">I", zlib.crc32(tag + data)))
+    rows = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def heat_colors(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
+    return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
+
+
+def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
+    """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it
+    (curve = (label, values (T,))), and under it one heat-map row per (label, values (T,)) in rows.
+    Curves and rows are each scaled to their own peak."""
+    left, top, w, spec_h, row_h = 70, 30, 600, 160, 18
+    with torch.no_grad():
+        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (bands, frames)
+    mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
+    image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
+    h = top + spec_h + row_h * len(rows) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
+           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
+           f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
+           f'href="data:image/png;base64,{image}"/>',
+           f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
+    if curve is not None:
+        v = np.asarray(curve[1], float) / max(float(np.max(curve[1])), 1e-12)
+        xs = left + (np.arange(len(v)) + 0.5) * w / len(v)
+        pts = " ".join(f"{x:.1f},{top + spec_h * (1 - y):.1f}" for x, y in zip(xs, v))
+        out += [f'<polyline points="{pts}" fill="none" stroke="white" stroke-width="3"/>',
+                f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>',
+                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">{xml_escape(curve[0])}</text>']
+    for k, (label, values) in enumerate(rows):
+        v, y = np.asarray(values, float) / max(float(np.max(values)), 1e-12), top + spec_h + 4 + k * row_h
+        cells = heat_colors(v)
+        out.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{xml_escape(label)}</text>')
+        out += [f'<rect x="{left + t * w / len(v):.1f}" y="{y}" width="{w / len(v) + 0.5:.1f}" height="{row_h - 2}" '
+                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(cells)]
+    axis = top + spec_h + row_h * len(rows) + 20
+    out += [f'<text x="{left + t / seconds * w:.1f}" y="{axis}" text-anchor="middle">{t:g} s</text>'
+            for t in nice_ticks(0, seconds) if t <= seconds]
+    return "\n".join(out) + "\n</svg>\n"
 
 
 def explain_section(best, runs, fig_dir: Path) -> list:
@@ -2059,26 +2115,26 @@ def explain_section(best, runs, fig_dir: Path) -> list:
     classes = best["metrics"]["classes"]
     clips = chosen_clips(best)
     lines += [f"Grad-CAM at the front end's last layer of `{best['name']}` (fold model 1) over time, on its "
-              "surest right and surest wrong clip of each class, over the clip's envelope.", ""]
+              "surest right and surest wrong clip of each class, over the clip's log-mel spectrogram.", ""]
     for r in clips:
         wave, pred = waves[index[r["filename"]]], int(r["pred"])
         name = f"gradcam-{best['name']}-{Path(r['filename']).stem}.svg"
         title = f"{r['filename']}: true {classes[int(r['label'])]}, predicted {classes[pred]}"
-        write_text(fig_dir / name, svg_over_wave(wave, [(f"Grad-CAM ({classes[pred]})", grad_cam(model, wave, pred))],
-                                                 title=title, seconds=cfg.clip_seconds))
+        cam = (f"Grad-CAM ({classes[pred]})", grad_cam(model, wave, pred).numpy())
+        write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, curve=cam))
         lines.append(f"![Grad-CAM {r['filename']}](figures/{name})")
-    lines += ["", "The `<cls>` token's attention over time in the last block, per head, and rolled out over "
-              "all blocks, for every transformer of the same split on the same two clips:", ""]
+    lines += ["", "The `<cls>` token's attention over time in the last block, one row per head, and rolled "
+              "out over all blocks, for every transformer of the same split on the same two clips:", ""]
     for run in (r for r in runs if split_label(r["config"]) == split_label(best["config"])
                 and r["config"]["arch"] == "transformer"):
         loaded = run_model(run, 1)
         for r in clips[:2] if loaded else []:
             wave = waves[index[r["filename"]]]
             per_head, rollout = cls_attention(loaded[1], wave)
-            curves = [(f"head {h + 1}", a) for h, a in enumerate(per_head[-1])] + [("rollout", rollout)]
+            rows = [(f"head {h + 1}", a.numpy()) for h, a in enumerate(per_head[-1])] + [("rollout", rollout.numpy())]
             name = f"attention-{run['name']}-{Path(r['filename']).stem}.svg"
-            write_text(fig_dir / name, svg_over_wave(wave, curves, title=f"{run['name']}: {r['filename']} "
-                                                     f"(true {classes[int(r['label'])]})", seconds=cfg.clip_seconds))
+            title = f"{run['name']}: {r['filename']} (true {classes[int(r['label'])]})"
+            write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, rows=rows))
             lines.append(f"![attention {run['name']} {r['filename']}](figures/{name})")
     return lines + [""]
 
@@ -2113,7 +2169,7 @@ def run_figures(run, fig_dir: Path) -> list:
         svg = svg_lines([(f"{s} {kind}", epochs, hist[f"{s}_{kind}"].mean(0), band(hist[f"{s}_{kind}"]))
                          for s in ("train", "val")],
                         title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
-                        ylabel=kind)
+                        ylabel=kind, x_integer=True)
         write_text(fig_dir / f"{name}-{kind}.svg", svg)
     shown = m["test"] or m.get("val_final") or m["val"]
     roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],

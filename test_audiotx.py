@@ -12,10 +12,12 @@ import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1146,6 +1148,10 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
     for svg in figures:
         assert ET.parse(svg).getroot().tag.endswith("svg")
         assert f"figures/{svg.name}" in report
+        if svg.stem.endswith(("-acc", "-loss")):  # each axis's numeric labels: a round step, whole epochs
+            ticks = {axis: [float(t.text) for t in ET.parse(svg).getroot().iter() if t.get("class") == axis]
+                     for axis in ("x", "y")}
+            assert round_step(ticks["x"]) and all(e == int(e) for e in ticks["x"]) and round_step(ticks["y"])
     # An interrupted grid: one configuration lost its results; a rerun trains only that one.
     (tmp_path / "runs" / "cnn-test0-k4" / "metrics.json").unlink()
     again = subprocess.run(["bash", str(HERE / "run.sh"), *args], env=env, capture_output=True, text=True,
@@ -1161,6 +1167,37 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
     assert (tmp_path / "runs" / "REPORT.md").stat().st_mtime_ns == stamp
     bad = subprocess.run(["bash", str(HERE / "run.sh")], env={**env, "CONFIG": "9"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "CONFIG=9 is not one of 1..8" in bad.stderr
+
+
+def round_step(ticks) -> bool:
+    """Evenly spaced ticks whose step is 1, 2, 2.5 or 5 times a power of ten, each a whole multiple of it."""
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    return (any(abs(mantissa - m) < 1e-9 for m in (1, 2, 2.5, 5)) and np.allclose(np.diff(ticks), step)
+            and all(abs(t / step - round(t / step)) < 1e-6 for t in ticks))
+
+
+@pytest.mark.parametrize("lo,hi", [(1, 100), (0.37, 0.93), (0.0012, 0.0049), (-3.2, -1.1), (0.8, 0.8), (2, 7)])
+def test_axis_ticks_are_round_and_cover_the_data(lo, hi):
+    for integer in (False, True):
+        ticks = audiotx.nice_ticks(lo, hi, integer=integer)
+        assert round_step(ticks) and ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 7
+        assert not integer or all(t == int(t) for t in ticks)  # epochs: whole numbers only
+
+
+def test_spectrogram_view_embeds_the_picture_it_was_given():
+    """The PNG inside an SVG view decodes (zlib, by the PNG layout) back to the exact pixels."""
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    data = audiotx.png(rgb)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    rows = zlib.decompress(data[41:41 + idat_len])
+    assert (width, height) == (7, 5) and rows[::22] == b"\x00" * 5  # one filter byte before each row
+    assert np.array_equal(np.frombuffer(rows, np.uint8).reshape(5, 22)[:, 1:].reshape(5, 7, 3), rgb)
+    svg = audiotx.svg_spectrogram(torch.randn(16000), 16000, 1.0, title="t", curve=("c", np.ones(8)),
+                                  rows=[("head 1", np.arange(8.0))])
+    assert svg.count("data:image/png;base64,") == 1 and svg.count("<rect") == 1 + 8  # background + 8 cells
 
 
 def test_paired_comparison_matches_scipy():
