@@ -9,16 +9,11 @@ Two architectures share one 1D-convolution front end over the waveform:
     python audiotx.py --arch transformer --heads 2 --kfold 4   # one configuration
     bash run.sh                                                 # every configuration
     pytest test_audiotx.py                                      # the tests
+    python audiotx.py --predict my_recording.wav                # classify with the shipped model
 
 Everything a run measures is written under runs/<name>/ (config.json, metrics.json,
-predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases
-(offline unless you are logged in). The README states the measured results and the
-commands that produced them. Headline, 2-core CPU, fold 1 held out: the default command (the
-log-compressed waveform stem on whole clips) runs in 4:08 to validation accuracy 0.856, 0.881 and
-0.859 with seeds 0, 1 and 2 (fold-1 test 0.778, 0.813, 0.809; ensembles 0.850, 0.838, 0.850), and
-`bash run.sh` trains all 8 configurations in 34:31. Over the official 5 folds the same stem pools
-0.865-0.885 (two seeds; EnvNet: 0.872); `--arch cnn --features logmel` reaches validation 0.922
-and fold-1 test 0.838 (ensemble 0.887).
+predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases (offline unless
+you are logged in). HEADLINE
 """
 
 import argparse
@@ -220,21 +215,21 @@ def check_config(cfg: Config):
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
-    if cfg.batch_size < 2 * PROC.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {PROC.world} processes "
-                        f"it must be at least {2 * PROC.world} (BatchNorm needs 2 clips in each process's share)")
+    if cfg.batch_size < 2 * WORKER.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {WORKER.world} processes "
+                        f"it must be at least {2 * WORKER.world} (BatchNorm needs 2 clips in each process's share)")
 
 
 def resolve_precision(cfg: Config) -> Config:
     """--precision auto -> bf16 on CUDA GPUs with bfloat16, and on CPUs where oneDNN has it natively
-    (AVX512-BF16 or AMX; 1.25x faster steps here); else fp32 (emulated bf16 would be slower).
+    (AVX512-BF16 or AMX); else fp32, since emulated bf16 is slower than fp32.
     config.json records the choice."""
     if cfg.precision != "auto":
         return cfg
-    if PROC.device.type == "cuda":
+    if WORKER.device.type == "cuda":
         return dataclasses.replace(cfg, precision="bf16" if torch.cuda.is_bf16_supported() else "fp32")
     try:
-        native = PROC.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = WORKER.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         native = False
     return dataclasses.replace(cfg, precision="bf16" if native else "fp32")
@@ -250,7 +245,7 @@ def run_name(cfg: Config) -> str:
 # ----------------------------------------------------------------------------------------
 
 @dataclass
-class Processes:
+class Worker:
     """This process's place among torchrun's (rank 0 of 1 without torchrun) and its device."""
     rank: int = 0
     world: int = 1
@@ -262,7 +257,7 @@ class Processes:
         return self.rank == 0
 
 
-PROC = Processes()  # set by start_processes(); the functions that shard, gather or write files read it
+WORKER = Worker()  # filled in by start_processes(); what shards, gathers or writes files reads it
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -279,17 +274,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def start_processes(cfg: Config):
     """One process on cfg.device, or under torchrun (WORLD_SIZE > 1) one of many: GPU
     LOCAL_RANK of this machine with NCCL, or a CPU share with gloo. Only rank 0 prints."""
-    global PROC
     world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    PROC = Processes(int(os.environ.get("RANK", "0")), world, local_rank, pick_device(cfg.device, local_rank))
+    WORKER.rank, WORKER.world, WORKER.local_rank = int(os.environ.get("RANK", "0")), world, local_rank
+    WORKER.device = pick_device(cfg.device, local_rank)
     if world == 1:
         return
-    if PROC.device.type == "mps":
+    if WORKER.device.type == "mps":
         raise UserError("torchrun with --device mps: PyTorch has no process group for MPS; use --device cpu")
-    if PROC.device.type == "cuda":
-        torch.cuda.set_device(PROC.device)
-    dist.init_process_group("nccl" if PROC.device.type == "cuda" else "gloo")
-    if not PROC.main:
+    if WORKER.device.type == "cuda":
+        torch.cuda.set_device(WORKER.device)
+    dist.init_process_group("nccl" if WORKER.device.type == "cuda" else "gloo")
+    if not WORKER.main:
         sys.stdout = open(os.devnull, "w")  # one copy of the progress lines; errors still reach stderr
 
 
@@ -299,13 +294,13 @@ def stop_processes():
 
 
 def barrier():
-    if PROC.world > 1:
+    if WORKER.world > 1:
         dist.barrier()
 
 
 def from_main(obj):
     """Rank 0's obj on every process."""
-    if PROC.world == 1:
+    if WORKER.world == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -314,9 +309,9 @@ def from_main(obj):
 
 def all_sum(*values) -> list:
     """Each value summed over the processes."""
-    if PROC.world == 1:
+    if WORKER.world == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=PROC.device if PROC.device.type == "cuda" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=WORKER.device if WORKER.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
 
@@ -324,25 +319,25 @@ def all_sum(*values) -> list:
 def gather_rows(part):
     """Process r holds rows r, r + world, ... of a tensor (None when it holds none): the whole
     tensor, in order, on every process."""
-    if PROC.world == 1:
+    if WORKER.world == 1:
         return part
-    parts = [None] * PROC.world
+    parts = [None] * WORKER.world
     dist.all_gather_object(parts, None if part is None else part.cpu())
     held = [p for p in parts if p is not None]
     out = torch.empty(sum(len(p) for p in held), *held[0].shape[1:], dtype=held[0].dtype)
     for r, p in enumerate(parts):
         if p is not None:
-            out[r::PROC.world] = p
+            out[r::WORKER.world] = p
     return out
 
 
-def place(t):
+def to_device(t):
     """t on the device when it fits in half the free memory, else left on the CPU and moved a
     batch at a time (UrbanSound8K at 16 kHz is 2.2 GB)."""
-    if t is None or PROC.device.type == "cpu":
+    if t is None or WORKER.device.type == "cpu":
         return t
-    free = torch.cuda.mem_get_info(PROC.device)[0] if PROC.device.type == "cuda" else 2 * t.nbytes + 1
-    return t.to(PROC.device) if t.nbytes < free / 2 else t
+    free = torch.cuda.mem_get_info(WORKER.device)[0] if WORKER.device.type == "cuda" else 2 * t.nbytes + 1
+    return t.to(WORKER.device) if t.nbytes < free / 2 else t
 
 
 # ----------------------------------------------------------------------------------------
@@ -787,7 +782,7 @@ def shift(wave, lengths=None):
     """Roll each clip of wave (B, S) by a random amount within its own length (ESC clips are
     padded with silence, so a circular shift keeps them natural; padding stays at the end)."""
     B, S = wave.shape
-    if lengths is None:  # one roll per clip: a fifth of the time of gathering through a (B, S) index
+    if lengths is None:  # one roll per clip: cheaper than gathering through a (B, S) index
         k = torch.randint(0, S, (B,))
         return torch.stack([w.roll(-j) for w, j in zip(wave, k.tolist())])
     n = lengths.cpu()
@@ -845,8 +840,7 @@ class ConvFrontEnd(nn.Module):
         super().__init__()
         # (in, out, kernel, stride, pool). On the waveform the strided stem is a learnable filterbank,
         # 4 ms filters at 1 ms hops (16 kHz), max-pooled by 4; each later layer halves or quarters
-        # time while widening the channels. Coarser stems (stride 32 pooled by 2, stride 64 unpooled)
-        # cut an epoch by 16-21% but lost 2-5 points of validation accuracy, so this one stays.
+        # time while widening the channels. Coarser stems were faster and less accurate (NOTES.md).
         self.mel = LogMel(sample_rate=sample_rate) if features == "logmel" else None
         # logwave: the stem's filters as a learnable filterbank, its output the log of each band's
         # rectified magnitude, max-pooled; log-mel input's edge over the waveform is that log
@@ -880,10 +874,9 @@ class ConvFrontEnd(nn.Module):
         after every layer, so the padding never reaches a filled frame: the result is the same
         however long the padding and whatever it holds.
 
-        Inside, activations are (B, C, 1, L) in channels-last memory, that is rows of C channels per
-        time step: there max-pooling, BatchNorm and the convolutions ran forward and backward in less
-        than half the time they took on (B, C, L) rows of time (whole 5 s clips, 2 cores: 30 ms for a
-        batch of 30, not 66), and the last layer's output is already the (B, T, C) the transformer reads."""
+        Inside, activations are (B, C, 1, L) in channels-last memory, rows of C channels per time
+        step: CPU kernels pool, normalise and convolve those much faster than rows of time, and the
+        last layer's output is already the (B, T, C) the transformer reads."""
         if lengths is not None:
             wave = wave * (torch.arange(wave.shape[1], device=wave.device) < lengths[:, None])
         n = None if lengths is None else self.input_len(lengths)
@@ -909,7 +902,7 @@ class ConvFrontEnd(nn.Module):
 def stem_frames(wave, conv: nn.Conv1d):
     """conv, with one input channel, kernel k and stride s, over wave (B, S) as one matrix product
     of the wave's k-sample frames: (B, L, k) @ (k, C) -> (B, C, 1, L) in channels-last memory.
-    The same numbers as conv1d; oneDNN's one-input-channel convolution took about twice as long here."""
+    The same numbers as conv1d, faster than oneDNN's convolution with one input channel."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s samples
     return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # (B, L, C) -> (B, C, 1, L)
@@ -927,8 +920,7 @@ def within(n, length: int):
 
 class Dropout(nn.Module):
     """nn.Dropout's behaviour with the mask cut from random 64-bit integers, four 16-bit draws
-    each: a third of the time of torch.rand's one float per value, and masks were a tenth of a
-    training step. P(drop) is p to within 1/65536."""
+    each, cheaper than torch.rand's one float per value. P(drop) is p to within 1/65536."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -1136,15 +1128,15 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
     perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     loss_sum = correct = 0.0
     for chunk in perm.tensor_split(n_batches(len(idx), cfg.batch_size)):
-        mine = chunk[PROC.rank::PROC.world]  # (B / world,) this process's share
-        wave, target, n = augment(waves[mine].to(PROC.device), labels[mine].to(PROC.device), n_classes, cfg,
-                                  None if lengths is None else lengths[mine].to(PROC.device))
+        share = chunk[WORKER.rank::WORKER.world]  # (B / world,) this process's share
+        wave, target, n = augment(waves[share].to(WORKER.device), labels[share].to(WORKER.device), n_classes,
+                                  cfg, None if lengths is None else lengths[share].to(WORKER.device))
         # DDP averages the processes' gradients: weighting each share by its size makes that
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
-                                  scale=len(mine) * PROC.world / len(chunk))
+                                  scale=len(share) * WORKER.world / len(chunk))
         step += 1
-        loss_sum += loss * len(mine)
+        loss_sum += loss * len(share)
         correct += (logits.argmax(1) == target.argmax(1)).sum().item()
     loss_sum, correct = all_sum(loss_sum, correct)
     return loss_sum / len(idx), correct / len(idx)
@@ -1171,7 +1163,7 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
     learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
     Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, n_classes).to(PROC.device)
+    model = build_model(cfg, n_classes).to(WORKER.device)
     opt = make_optimizer(cfg, model)
     model.train()
     rows, avg, lowest = [], 0.0, math.inf
@@ -1182,8 +1174,8 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
             batches = list(perm.tensor_split(n_batches(len(train_idx), cfg.batch_size)))
         chunk = batches.pop()
         lr = lo * (hi / lo) ** (step / (steps - 1))
-        wave, target, n = augment(waves[chunk].to(PROC.device), labels[chunk].to(PROC.device), n_classes, cfg,
-                                  None if lengths is None else lengths[chunk].to(PROC.device))
+        wave, target, n = augment(waves[chunk].to(WORKER.device), labels[chunk].to(WORKER.device), n_classes, cfg,
+                                  None if lengths is None else lengths[chunk].to(WORKER.device))
         loss, _ = train_step(model, opt, wave, target, cfg, lr, n)
         avg = 0.9 * avg + 0.1 * loss
         smoothed = avg / (1 - 0.9 ** (step + 1))  # bias-corrected exponential average
@@ -1197,25 +1189,22 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
 def suggest_lr(rows) -> float:
     """The learning rate at the smoothed loss's minimum: the largest at which the loss still
     falls, which Smith (2018) takes as one-cycle's peak (the schedule spends little time there).
-    Measured on the course folds (README): half of it trained 2.8 points worse on validation
-    than the default 0.002, a tenth 3.4 points worse; the steepest descent moved 6x between two
-    runs that differed only in thread count."""
+    The steepest descent, the other common rule, proved unstable here (NOTES.md)."""
     return float(min(rows, key=lambda r: r["smoothed"])["lr"])
 
 
 @torch.no_grad()
 def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
     """Class probabilities (N, K) in eval mode, each process predicting every world-th clip.
-    bf16 runs the model as the training steps do (a quarter faster here); batches of 32 keep
-    the stem's output in cache (64 was slower)."""
+    bf16 runs the model as the training steps do; batches of 32 keep the stem's output in cache."""
     model = getattr(model, "module", model)  # not through DDP, which would sync buffers on every call
     model.eval()
-    mine = torch.arange(PROC.rank, len(waves), PROC.world)
+    share = torch.arange(WORKER.rank, len(waves), WORKER.world)
     probs = []
-    with torch.autocast(PROC.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for idx in mine.split(batch_size):
-            n = None if lengths is None else lengths[idx].to(PROC.device)
-            probs.append(model(waves[idx].to(PROC.device), n).float().softmax(1).cpu())  # (b, K)
+    with torch.autocast(WORKER.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for idx in share.split(batch_size):
+            n = None if lengths is None else lengths[idx].to(WORKER.device)
+            probs.append(model(waves[idx].to(WORKER.device), n).float().softmax(1).cpu())  # (b, K)
     return gather_rows(torch.cat(probs) if probs else None)
 
 
@@ -1261,7 +1250,7 @@ def evaluate(model, waves, labels, precision: str = "fp32", lengths=None):
 def save_atomic(obj, path: Path):
     """torch.save to a temporary name, then rename: a reader never sees half a file. Under
     torchrun only rank 0 writes files (here and in write_text)."""
-    if not PROC.main:
+    if not WORKER.main:
         return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -1293,13 +1282,13 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
     train_idx, val_idx = split
     torch.manual_seed(cfg.seed + fold)
-    model = build_model(cfg, n_classes).to(PROC.device)
-    if PROC.world > 1 and PROC.device.type == "cuda":  # batch statistics over the whole batch, as in one process
+    model = build_model(cfg, n_classes).to(WORKER.device)
+    if WORKER.world > 1 and WORKER.device.type == "cuda":  # batch statistics over the whole batch, as in one process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(cfg, model)
     order = torch.Generator().manual_seed(cfg.seed + fold)  # the epochs' clip order, shared by the processes
-    if PROC.rank:  # rank 0 draws what one process would; the others their own augmentation and dropout
-        torch.manual_seed(cfg.seed + fold + 1000 * PROC.rank)
+    if WORKER.rank:  # rank 0 draws what one process would; the others their own augmentation and dropout
+        torch.manual_seed(cfg.seed + fold + 1000 * WORKER.rank)
     steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
     state = load_state(state_path, cfg)
@@ -1311,8 +1300,8 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         print(f"fold {fold}: resuming after epoch {state['epoch']}")
     else:
         state = {"epoch": 0, "history": [], "best": None, "settings": result_settings(cfg)}
-    net = model if PROC.world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[PROC.device] if PROC.device.type == "cuda" else None)
+    net = model if WORKER.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[WORKER.device] if WORKER.device.type == "cuda" else None)
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
@@ -1346,23 +1335,23 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
 
 def rng_states() -> list:
     """Every process's random state (the CPU's, and the GPU's where one is used), in rank order."""
-    mine = {"cpu": torch.get_rng_state()}
-    if PROC.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(PROC.device)
-    if PROC.world == 1:
-        return [mine]
-    states = [None] * PROC.world
-    dist.all_gather_object(states, mine)
+    own = {"cpu": torch.get_rng_state()}
+    if WORKER.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(WORKER.device)
+    if WORKER.world == 1:
+        return [own]
+    states = [None] * WORKER.world
+    dist.all_gather_object(states, own)
     return states
 
 
 def set_rng_state(saved, path: Path):
-    if len(saved) != PROC.world:
-        raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {PROC.world}; "
+    if len(saved) != WORKER.world:
+        raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {WORKER.world}; "
                         "resume with the same number, or rerun with --restart")
-    torch.set_rng_state(saved[PROC.rank]["cpu"])
-    if "cuda" in saved[PROC.rank] and PROC.device.type == "cuda":
-        torch.cuda.set_rng_state(saved[PROC.rank]["cuda"], PROC.device)
+    torch.set_rng_state(saved[WORKER.rank]["cpu"])
+    if "cuda" in saved[WORKER.rank] and WORKER.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[WORKER.rank]["cuda"], WORKER.device)
 
 
 def result_settings(cfg: Config) -> dict:
@@ -1396,7 +1385,7 @@ def load_fold_models(run_dir: Path) -> tuple:
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})") from None
-    return cfg, classes, [m.to(PROC.device).eval() for m in models]
+    return cfg, classes, [m.to(WORKER.device).eval() for m in models]
 
 
 def wav_files(paths: list) -> list:
@@ -1523,7 +1512,7 @@ def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds
                                    len(ds.classes), tracker, lambda *_: None, clips[1])
         tail = max(1, len(history) // 10)
         accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
-        if PROC.main:
+        if WORKER.main:
             (fold_dir / "state.pt").unlink(missing_ok=True)
     return float(np.mean(accs))
 
@@ -1533,7 +1522,7 @@ def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds
 # ----------------------------------------------------------------------------------------
 
 def write_text(path: Path, text: str):
-    if not PROC.main:
+    if not WORKER.main:
         return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -1568,7 +1557,7 @@ class Tracker:
     used, and any W&B failure prints one warning and turns it off: the files are the record."""
 
     def __init__(self, cfg: Config, run_dir: Path, config: dict, mode: str = ""):
-        mode = mode if PROC.main else "disabled"  # under torchrun rank 0 alone logs
+        mode = mode if WORKER.main else "disabled"  # under torchrun rank 0 alone logs
         self.mode, self.run_dir, self.config, self.cfg = mode or wandb_mode(cfg), run_dir, config, cfg
         self.run, self.wandb = None, None
         if self.mode == "disabled":
@@ -2021,16 +2010,12 @@ def misclassified(run) -> list:
                     + "; ".join(f"{t} → {p} ({c})" for (t, p), c in top) + ".", ""]
 
 
-def run_model(run, fold: int):
-    """(config, the fold's chosen model) of a finished run, or None when its model.pt is absent."""
-    path = run["dir"] / f"fold{fold}" / "model.pt"
-    if not path.is_file():
+def fold_model_1(run):
+    """(config, fold model 1) of a finished run, or None without its checkpoints (kept out of git)."""
+    if not (run["dir"] / "fold1" / "model.pt").is_file():
         return None
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in run["config"].items() if k in names})
-    model = build_model(cfg, len(run["metrics"]["classes"]))
-    model.load_state_dict(load_checked(path))
-    return cfg, model
+    cfg, _, models = load_fold_models(run["dir"])
+    return cfg, models[0]
 
 
 def chosen_clips(run) -> list:
@@ -2102,7 +2087,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
     """Grad-CAM of the best configuration's fold-1 model on two clips per class, and the <cls>
     attention of every transformer of the same split on two of those clips."""
     lines = ["## What the models attend to", ""]
-    loaded = run_model(best, 1)
+    loaded = fold_model_1(best)
     if loaded is None:
         return lines + [f"No figures: {best['dir']}/fold1/model.pt is absent (checkpoints stay out of git).", ""]
     cfg, model = loaded
@@ -2127,7 +2112,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
               "out over all blocks, for every transformer of the same split on the same two clips:", ""]
     for run in (r for r in runs if split_label(r["config"]) == split_label(best["config"])
                 and r["config"]["arch"] == "transformer"):
-        loaded = run_model(run, 1)
+        loaded = fold_model_1(run)
         for r in clips[:2] if loaded else []:
             wave = waves[index[r["filename"]]]
             per_head, rollout = cls_attention(loaded[1], wave)
@@ -2249,9 +2234,9 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     torch.manual_seed(cfg.seed)
     waves, labels = torch.randn(n_train + n_val, n_samples) * 0.1, torch.arange(n_train + n_val) % n_classes
-    model = build_model(cfg, n_classes).to(PROC.device)
+    model = build_model(cfg, n_classes).to(WORKER.device)
     opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
-    batch = waves[:cfg.batch_size].to(PROC.device), labels[:cfg.batch_size].to(PROC.device)
+    batch = waves[:cfg.batch_size].to(WORKER.device), labels[:cfg.batch_size].to(WORKER.device)
     fwd_flops, train_flops = step_flops(model, *batch, n_classes)
     train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100, order)  # warm-up
     t0 = time.perf_counter()
@@ -2303,7 +2288,7 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
     """The chosen model's probabilities on its validation fold and the test fold; a finished
     fold is read back from fold<i>/result.pt, never retrained."""
     fold_dir = run_dir / f"fold{fold}"
-    if PROC.main:
+    if WORKER.main:
         fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
@@ -2319,7 +2304,7 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
     tracker.finish()
     save_atomic(model.state_dict(), fold_dir / "model.pt")
     save_atomic(res, fold_dir / "result.pt")
-    if PROC.main:
+    if WORKER.main:
         (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
     return res
 
@@ -2377,19 +2362,19 @@ def run(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     ds = load_dataset(cfg)
     run_dir = Path(cfg.out) / run_name(cfg)
-    with run_lock(run_dir) if PROC.main else contextlib.nullcontext():
-        if cfg.restart and PROC.main:
+    with run_lock(run_dir) if WORKER.main else contextlib.nullcontext():
+        if cfg.restart and WORKER.main:
             clear_run_dir(run_dir)
         if cfg.lr_find or cfg.lr == "auto":  # config.json records the number
-            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if PROC.main else None))
+            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if WORKER.main else None))
             if cfg.lr_find:
                 return {"lr": cfg.lr}
         config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
                   "classes": ds.classes, "n_clips": len(ds.table), "versions": versions(),
-                  "code": code_version(), "processes": PROC.world,
-                  "device_used": str(PROC.device),
+                  "code": code_version(), "processes": WORKER.world,
+                  "device_used": str(WORKER.device),
                   "params": count_params(build_model(cfg, len(ds.classes)))}
-        if PROC.main:
+        if WORKER.main:
             prepare_run_dir(cfg, run_dir, config)
         barrier()  # the other processes look at the folder once rank 0 has cleared and claimed it
         if cfg.tune:
@@ -2400,12 +2385,12 @@ def run(cfg: Config) -> dict:
 def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
     """load_clips, with the cache built by one process per machine while the others wait for
     it; then on the device where it fits."""
-    if PROC.local_rank == 0:
+    if WORKER.local_rank == 0:
         waves, lengths = load_clips(ds.root, ds.table, cfg)
     barrier()
-    if PROC.local_rank:
+    if WORKER.local_rank:
         waves, lengths = load_clips(ds.root, ds.table, cfg)
-    return place(waves), place(lengths)
+    return to_device(waves), to_device(lengths)
 
 
 def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
@@ -2417,8 +2402,8 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
         waves, lengths = load_clips(ds.root, ds.table, cfg)
-        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), place(waves), ds.labels, ds.splits[0][0],
-                             len(ds.classes), lengths=place(lengths))
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels, ds.splits[0][0],
+                             len(ds.classes), lengths=to_device(lengths))
         write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
@@ -2444,13 +2429,13 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
     clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
     print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
           f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds"
-          + (f", {PROC.world} processes on {PROC.device.type}" if PROC.world > 1 else f" on {PROC.device.type}"))
+          + (f", {WORKER.world} processes on {WORKER.device.type}" if WORKER.world > 1 else f" on {WORKER.device.type}"))
     tracker = Tracker(cfg, run_dir, config)
     progress = print_progress_factory(cfg, cfg.kfold)
     results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
     labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
     metrics = gather_metrics(results, labels, splits, test_idx, classes)
-    if not PROC.main:
+    if not WORKER.main:
         return metrics
     # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
     metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
@@ -2471,7 +2456,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         start_processes(cfg)
-        if PROC.world > 1 and (cfg.report or cfg.bench):
+        if WORKER.world > 1 and (cfg.report or cfg.bench):
             raise UserError("--report and --bench run in one process: leave out torchrun")
         if cfg.predict:
             return predict_files(cfg)
