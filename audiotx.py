@@ -80,6 +80,7 @@ class UserError(Exception):
 # config
 # ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Config:
     # model
@@ -145,6 +146,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"audiotx: error: {message}\n")
 
 
+def float_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def load_hparams(path: str, parser) -> dict:
+    """Settings from a JSON file: a flat {field: value} or a tuning's best.json ({"hparams": {...}})."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--hparams {path}: cannot read it as JSON ({e})")
+    d = d.get("hparams", d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        parser.error(f"--hparams {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return d
+
+
 def parse_args(argv=None) -> Config:
     """Build the command line from Config's fields: --test-fold sets test_fold."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0].strip())
@@ -167,28 +190,6 @@ def parse_args(argv=None) -> Config:
         parser.set_defaults(**load_hparams(args.hparams, parser))
         args = parser.parse_args(argv)
     return Config(**vars(args))
-
-
-def float_or_auto(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def load_hparams(path: str, parser) -> dict:
-    """Settings from a JSON file: a flat {field: value} or a tuning's best.json ({"hparams": {...}})."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        parser.error(f"--hparams {path}: cannot read it as JSON ({e})")
-    d = d.get("hparams", d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        parser.error(f"--hparams {path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    return d
 
 
 def check_config(cfg: Config):
@@ -241,7 +242,7 @@ def run_name(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# devices and processes: one device decision, and torchrun's ranks
+# processes and devices: one device decision, and torchrun's ranks
 # ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -341,7 +342,76 @@ def to_device(t):
 
 
 # ----------------------------------------------------------------------------------------
-# data
+# files: atomic writes, csv, json, checkpoints, where the code and data came from
+# ----------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str):
+    if not WORKER.main:
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, header, rows):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([f"{v:.17g}" if isinstance(v, float) else v for v in row] for row in rows)
+    write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary name, then rename: a reader never sees half a file. Under
+    torchrun only rank 0 writes files (here and in write_text)."""
+    if not WORKER.main:
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checked(path: Path):
+    """torch.load, with a damaged or truncated file reported in one line instead of half-loaded."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
+
+
+def shown_path(path: Path) -> str:
+    """A path as config.json records it: under ~, else relative to the working folder, so no
+    file the project commits holds this machine's absolute paths."""
+    path, home = Path(path).resolve(), Path.home().resolve()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else os.path.relpath(path)
+
+
+def code_version() -> dict:
+    """The checkout's git commit and whether its tracked files had changes; {} outside git."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__}
+
+
+# ----------------------------------------------------------------------------------------
+# data: reading wavs, the metadata table, fetching, caching, folds
 # ----------------------------------------------------------------------------------------
 
 def read_wav(path):
@@ -355,12 +425,6 @@ def read_wav(path):
     if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with only a warning
         raise UserError(f"{path}: truncated (the data chunk is shorter than its header says)")
     return rate, data
-
-
-def load_wav(path):
-    """Read a PCM or float WAV; return (float32 mono wave in [-1, 1], sample rate)."""
-    rate, data = read_wav(path)
-    return to_mono_float(path, data), int(rate)
 
 
 def to_mono_float(path, data):
@@ -383,174 +447,10 @@ def to_mono_float(path, data):
     return wave.astype(np.float32)
 
 
-def find_data(arg: str) -> Path:
-    """--data (a folder or a zip), else $AUDIOTX_DATA, else the first default folder that exists,
-    else ESC-50 fetched earlier, else ESC-50 fetched now."""
-    given = arg or os.environ.get("AUDIOTX_DATA", "")
-    if given:
-        path = Path(given).expanduser()
-        if path.is_file() and zipfile.is_zipfile(path):
-            return unpack_once(path)
-        if (path / "audio").is_dir():
-            return path
-        raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, audio/*.wav + "
-                        "meta/esc50.csv, UrbanSound8K's, audio/fold<k>/*.wav + "
-                        "metadata/UrbanSound8K.csv, or a zip of either)")
-    fetched = cache_root() / "ESC-50"
-    for path in DEFAULT_DATA + [fetched]:
-        if (path / "audio").is_dir():
-            return path
-    return fetch_esc50(fetched)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audiotx"
-
-
-def fetch_esc50(dest: Path) -> Path:
-    """Download ESC-50's archive into the cache and unpack it to dest; one process at a time."""
-    url = os.environ.get("AUDIOTX_ESC50_URL") or ESC50_URL
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / "fetch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits here, then finds the folder
-        if (dest / "audio").is_dir():
-            return dest
-        print(f"no dataset found: fetching ESC-50 (about {ESC50_MB} MB) from {url} into {dest}; "
-              "to use a copy you have, pass --data DIR or ZIP or set AUDIOTX_DATA", flush=True)
-        archive = dest.parent / "ESC-50.zip"
-        download(url, archive)
-        try:
-            unpack_checked(archive, dest)
-        except UserError as e:
-            archive.unlink()  # never trusted again
-            raise UserError(f"{e}; deleted it, so the next run fetches it again") from None
-        archive.unlink()  # the folder is the dataset now
-    return dest
-
-
-def download(url: str, path: Path, tries: int = 4):
-    """url -> path through path.part, resuming a cut transfer with an HTTP Range request where the
-    server allows it (else from the start), tries times at most."""
-    part, why = path.with_name(path.name + ".part"), ""
-    for attempt in range(1, tries + 1):
-        have = part.stat().st_size if part.is_file() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                resumed = response.status == 206
-                total = int(response.headers.get("Content-Length") or 0) + (have if resumed else 0)
-                with open(part, "ab" if resumed else "wb") as f:
-                    copy_with_progress(response, f, have if resumed else 0, total)
-            if not total or part.stat().st_size == total:
-                os.replace(part, path)
-                return
-            why = f"the connection closed at {part.stat().st_size:,} of {total:,} bytes"
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # the saved part is no prefix of what the server holds now
-                part.unlink()
-                continue
-            raise UserError(f"could not fetch {url}: HTTP {e.code} {e.reason}; {BY_HAND}") from None
-        except (OSError, http.client.HTTPException) as e:  # no network, DNS, a dropped connection
-            why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        print(f"\nfetch {attempt}/{tries} failed ({why})" + ("; trying again" if attempt < tries else ""))
-        time.sleep(attempt if attempt < tries else 0)
-    raise UserError(f"could not fetch {url} ({why}); run again to resume, or {BY_HAND}")
-
-
-BY_HAND = ("download ESC-50 yourself (the README says how) and pass --data DIR or ZIP, "
-           "or set AUDIOTX_DATA")
-
-
-def copy_with_progress(source, sink, done: int, total: int):
-    """Copy in 1 MB blocks with a progress line: in place on a terminal, every 5 s in a log."""
-    t0 = last = time.time()
-    start, every = done, 0.2 if sys.stdout.isatty() else 5.0
-    while block := source.read1(1 << 20):  # what has arrived; b"" when the server hangs up early
-        sink.write(block)
-        done += len(block)
-        if time.time() - last >= every or done == total:
-            last, rate = time.time(), (done - start) / max(time.time() - t0, 1e-9)
-            left = f", {(total - done) / max(rate, 1) / 60:.1f} min left" if total else ""
-            shown = f" of {total / 1e6:.0f} MB ({done / total:.0%})" if total else " MB"
-            end = "\r" if sys.stdout.isatty() else "\n"
-            print(f"fetched {done / 1e6:.0f}{shown} at {rate / 1e6:.1f} MB/s{left}   ", end=end, flush=True)
-    if sys.stdout.isatty():
-        print()
-
-
-def unpack_once(archive: Path) -> Path:
-    """--data some.zip: unpacked once into the cache, keyed by the zip's name, size and time."""
-    st = archive.stat()
-    key = hashlib.sha1(f"{archive.name} {st.st_size} {st.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = cache_root() / f"{archive.stem}-{key}"
-    if not (dest / "audio").is_dir():
-        print(f"unpacking {archive} into {dest}", flush=True)
-        unpack_checked(archive, dest)
-    return dest
-
-
-def unpack_checked(archive: Path, dest: Path):
-    """Check every member's CRC, unpack into a temporary folder, check that every clip the table
-    lists is a readable WAV, then rename the dataset's folder into place: dest, when it exists,
-    is always whole."""
-    try:
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
-                    raise UserError(f"{archive}: member {name!r} would land outside the folder")
-            bad = z.testzip()
-            if bad:
-                raise UserError(f"{archive}: member {bad} fails its CRC check (a damaged download)")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-            z.extractall(tmp)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise UserError(f"{archive}: not a whole zip archive ({e})") from None
-    try:
-        root = min((p.parent for p in tmp.rglob("audio") if p.is_dir()), key=lambda p: len(p.parts),
-                   default=None)
-        if root is None:
-            raise UserError(f"{archive}: holds no audio/ folder (expected ESC-50's layout)")
-        for r in read_table(root, "esc50"):  # every row, not only ESC-10's
-            read_wav(root / "audio" / r["filename"])
-        os.replace(root, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
-    """Rows (filename under audio/, fold, category, src_file) of the folder's table, sorted by filename."""
-    us8k = data_dir / "metadata" / "UrbanSound8K.csv"
-    if dataset == "urbansound8k" or (dataset == "auto" and us8k.is_file()):
-        return read_urbansound(data_dir, us8k)
-    return read_esc(data_dir, subset)
-
-
-def read_esc(data_dir: Path, subset: str) -> list:
-    """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
-    meta = data_dir / "meta" / "esc50.csv"
-    numbered = read_meta(meta) if meta.is_file() else list(enumerate(rows_from_names(data_dir, meta), 2))
-    check_columns(meta, numbered, {"filename", "fold", "category"})
-    if subset == "esc10" and "esc10" in numbered[0][1]:
-        numbered = [(line, r) for line, r in numbered if r["esc10"].lower() == "true"]
-    table = []
-    for line, r in numbered:
-        match = ESC_NAME.match(r["filename"])
-        src = r.get("src_file") or (match.group(2) if match else r["filename"])
-        table.append(table_row(data_dir, meta, line, r["filename"], r["fold"], r["category"], src))
-    return checked_table(meta, table, subset)
-
-
-def read_urbansound(data_dir: Path, meta: Path) -> list:
-    """Rows of metadata/UrbanSound8K.csv: audio/fold<k>/<slice_file_name>, with the freesound
-    recording (fsID) a slice was cut from as its source, so no recording crosses a split."""
-    if not meta.is_file():
-        raise UserError(f"{meta}: missing (--dataset urbansound8k expects it and audio/fold<k>/)")
-    numbered = read_meta(meta)
-    check_columns(meta, numbered, {"slice_file_name", "fsID", "fold", "class"})
-    table = [table_row(data_dir, meta, line, f"fold{r['fold']}/{r['slice_file_name']}", r["fold"],
-                       r["class"], r["fsID"], ("slice_file_name", "class")) for line, r in numbered]
-    return checked_table(meta, table, "UrbanSound8K")
+def load_wav(path):
+    """Read a PCM or float WAV; return (float32 mono wave in [-1, 1], sample rate)."""
+    rate, data = read_wav(path)
+    return to_mono_float(path, data), int(rate)
 
 
 def read_meta(path: Path) -> list:
@@ -610,6 +510,176 @@ def rows_from_names(data_dir: Path, meta: Path) -> list:
     return rows
 
 
+def read_esc(data_dir: Path, subset: str) -> list:
+    """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
+    meta = data_dir / "meta" / "esc50.csv"
+    numbered = read_meta(meta) if meta.is_file() else list(enumerate(rows_from_names(data_dir, meta), 2))
+    check_columns(meta, numbered, {"filename", "fold", "category"})
+    if subset == "esc10" and "esc10" in numbered[0][1]:
+        numbered = [(line, r) for line, r in numbered if r["esc10"].lower() == "true"]
+    table = []
+    for line, r in numbered:
+        match = ESC_NAME.match(r["filename"])
+        src = r.get("src_file") or (match.group(2) if match else r["filename"])
+        table.append(table_row(data_dir, meta, line, r["filename"], r["fold"], r["category"], src))
+    return checked_table(meta, table, subset)
+
+
+def read_urbansound(data_dir: Path, meta: Path) -> list:
+    """Rows of metadata/UrbanSound8K.csv: audio/fold<k>/<slice_file_name>, with the freesound
+    recording (fsID) a slice was cut from as its source, so no recording crosses a split."""
+    if not meta.is_file():
+        raise UserError(f"{meta}: missing (--dataset urbansound8k expects it and audio/fold<k>/)")
+    numbered = read_meta(meta)
+    check_columns(meta, numbered, {"slice_file_name", "fsID", "fold", "class"})
+    table = [table_row(data_dir, meta, line, f"fold{r['fold']}/{r['slice_file_name']}", r["fold"],
+                       r["class"], r["fsID"], ("slice_file_name", "class")) for line, r in numbered]
+    return checked_table(meta, table, "UrbanSound8K")
+
+
+def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
+    """Rows (filename under audio/, fold, category, src_file) of the folder's table, sorted by filename."""
+    us8k = data_dir / "metadata" / "UrbanSound8K.csv"
+    if dataset == "urbansound8k" or (dataset == "auto" and us8k.is_file()):
+        return read_urbansound(data_dir, us8k)
+    return read_esc(data_dir, subset)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audiotx"
+
+
+BY_HAND = ("download ESC-50 yourself (the README says how) and pass --data DIR or ZIP, "
+           "or set AUDIOTX_DATA")
+
+
+def copy_with_progress(source, sink, done: int, total: int):
+    """Copy in 1 MB blocks with a progress line: in place on a terminal, every 5 s in a log."""
+    t0 = last = time.time()
+    start, every = done, 0.2 if sys.stdout.isatty() else 5.0
+    while block := source.read1(1 << 20):  # what has arrived; b"" when the server hangs up early
+        sink.write(block)
+        done += len(block)
+        if time.time() - last >= every or done == total:
+            last, rate = time.time(), (done - start) / max(time.time() - t0, 1e-9)
+            left = f", {(total - done) / max(rate, 1) / 60:.1f} min left" if total else ""
+            shown = f" of {total / 1e6:.0f} MB ({done / total:.0%})" if total else " MB"
+            end = "\r" if sys.stdout.isatty() else "\n"
+            print(f"fetched {done / 1e6:.0f}{shown} at {rate / 1e6:.1f} MB/s{left}   ", end=end, flush=True)
+    if sys.stdout.isatty():
+        print()
+
+
+def download(url: str, path: Path, tries: int = 4):
+    """url -> path through path.part, resuming a cut transfer with an HTTP Range request where the
+    server allows it (else from the start), tries times at most."""
+    part, why = path.with_name(path.name + ".part"), ""
+    for attempt in range(1, tries + 1):
+        have = part.stat().st_size if part.is_file() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = response.status == 206
+                total = int(response.headers.get("Content-Length") or 0) + (have if resumed else 0)
+                with open(part, "ab" if resumed else "wb") as f:
+                    copy_with_progress(response, f, have if resumed else 0, total)
+            if not total or part.stat().st_size == total:
+                os.replace(part, path)
+                return
+            why = f"the connection closed at {part.stat().st_size:,} of {total:,} bytes"
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the saved part is no prefix of what the server holds now
+                part.unlink()
+                continue
+            raise UserError(f"could not fetch {url}: HTTP {e.code} {e.reason}; {BY_HAND}") from None
+        except (OSError, http.client.HTTPException) as e:  # no network, DNS, a dropped connection
+            why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        print(f"\nfetch {attempt}/{tries} failed ({why})" + ("; trying again" if attempt < tries else ""))
+        time.sleep(attempt if attempt < tries else 0)
+    raise UserError(f"could not fetch {url} ({why}); run again to resume, or {BY_HAND}")
+
+
+def unpack_checked(archive: Path, dest: Path):
+    """Check every member's CRC, unpack into a temporary folder, check that every clip the table
+    lists is a readable WAV, then rename the dataset's folder into place: dest, when it exists,
+    is always whole."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+                    raise UserError(f"{archive}: member {name!r} would land outside the folder")
+            bad = z.testzip()
+            if bad:
+                raise UserError(f"{archive}: member {bad} fails its CRC check (a damaged download)")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+            z.extractall(tmp)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise UserError(f"{archive}: not a whole zip archive ({e})") from None
+    try:
+        root = min((p.parent for p in tmp.rglob("audio") if p.is_dir()), key=lambda p: len(p.parts),
+                   default=None)
+        if root is None:
+            raise UserError(f"{archive}: holds no audio/ folder (expected ESC-50's layout)")
+        for r in read_table(root, "esc50"):  # every row, not only ESC-10's
+            read_wav(root / "audio" / r["filename"])
+        os.replace(root, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_esc50(dest: Path) -> Path:
+    """Download ESC-50's archive into the cache and unpack it to dest; one process at a time."""
+    url = os.environ.get("AUDIOTX_ESC50_URL") or ESC50_URL
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / "fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits here, then finds the folder
+        if (dest / "audio").is_dir():
+            return dest
+        print(f"no dataset found: fetching ESC-50 (about {ESC50_MB} MB) from {url} into {dest}; "
+              "to use a copy you have, pass --data DIR or ZIP or set AUDIOTX_DATA", flush=True)
+        archive = dest.parent / "ESC-50.zip"
+        download(url, archive)
+        try:
+            unpack_checked(archive, dest)
+        except UserError as e:
+            archive.unlink()  # never trusted again
+            raise UserError(f"{e}; deleted it, so the next run fetches it again") from None
+        archive.unlink()  # the folder is the dataset now
+    return dest
+
+
+def unpack_once(archive: Path) -> Path:
+    """--data some.zip: unpacked once into the cache, keyed by the zip's name, size and time."""
+    st = archive.stat()
+    key = hashlib.sha1(f"{archive.name} {st.st_size} {st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_root() / f"{archive.stem}-{key}"
+    if not (dest / "audio").is_dir():
+        print(f"unpacking {archive} into {dest}", flush=True)
+        unpack_checked(archive, dest)
+    return dest
+
+
+def find_data(arg: str) -> Path:
+    """--data (a folder or a zip), else $AUDIOTX_DATA, else the first default folder that exists,
+    else ESC-50 fetched earlier, else ESC-50 fetched now."""
+    given = arg or os.environ.get("AUDIOTX_DATA", "")
+    if given:
+        path = Path(given).expanduser()
+        if path.is_file() and zipfile.is_zipfile(path):
+            return unpack_once(path)
+        if (path / "audio").is_dir():
+            return path
+        raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, audio/*.wav + "
+                        "meta/esc50.csv, UrbanSound8K's, audio/fold<k>/*.wav + "
+                        "metadata/UrbanSound8K.csv, or a zip of either)")
+    fetched = cache_root() / "ESC-50"
+    for path in DEFAULT_DATA + [fetched]:
+        if (path / "audio").is_dir():
+            return path
+    return fetch_esc50(fetched)
+
+
 def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
     """Cache file keyed by every audio file's name, size and mtime, and the target rate and length."""
     h = hashlib.sha1(f"v{CACHE_VERSION} {cfg.sample_rate} {cfg.clip_seconds}".encode())
@@ -667,6 +737,11 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
     return waves, kept
 
 
+def clips_and_lengths(waves: np.ndarray, kept: np.ndarray) -> tuple:
+    full = bool((kept == waves.shape[1]).all())
+    return torch.from_numpy(waves), None if full else torch.from_numpy(kept)
+
+
 def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
     """All clips as one (N, S) float32 tensor, decoded once and cached on disk, and their lengths
     in samples (N,), or None when every clip fills S (then nothing needs masking)."""
@@ -688,11 +763,6 @@ def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
         np.save(tmp, array)
         os.replace(tmp, final)
     return clips_and_lengths(waves, kept)
-
-
-def clips_and_lengths(waves: np.ndarray, kept: np.ndarray) -> tuple:
-    full = bool((kept == waves.shape[1]).all())
-    return torch.from_numpy(waves), None if full else torch.from_numpy(kept)
 
 
 def regroup(groups, labels, k):
@@ -758,25 +828,9 @@ def load_dataset(cfg: Config) -> Dataset:
     return Dataset(root, table, classes, labels, test_idx, splits)
 
 
-def augment(wave, labels, n_classes, cfg: Config, lengths=None):
-    """Batch augmentation with tensor ops: wave (B, S), labels (B,), lengths (B,) or None ->
-    wave (B, S), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
-    B = len(wave)
-    target = F.one_hot(labels, n_classes).float()
-    if cfg.shift:
-        wave = shift(wave, lengths)
-    if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
-        wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
-    if cfg.gain_db:
-        wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
-    if cfg.mixup:  # lam (B, 1): the first clip's share of the mix and of the target
-        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))
-        lam, perm = lam.to(wave.device), torch.randperm(B)
-        wave = lam * wave + (1 - lam) * wave[perm]
-        target = lam * target + (1 - lam) * target[perm]
-        lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
-    return wave, target, lengths
-
+# ----------------------------------------------------------------------------------------
+# augmentation
+# ----------------------------------------------------------------------------------------
 
 def shift(wave, lengths=None):
     """Roll each clip of wave (B, S) by a random amount within its own length (ESC clips are
@@ -798,6 +852,26 @@ def resample(wave, speed: float, lengths=None):
     out = F.interpolate(wave[:, None], size=n, mode="linear", align_corners=True)[:, 0]  # (B, n)
     out = F.pad(out, (0, S - n)) if n < S else out[:, :S]
     return out, None if lengths is None else (lengths / speed).long().clamp(1, S)
+
+
+def augment(wave, labels, n_classes, cfg: Config, lengths=None):
+    """Batch augmentation with tensor ops: wave (B, S), labels (B,), lengths (B,) or None ->
+    wave (B, S), soft targets (B, K), lengths (a mixed pair fills the longer's)."""
+    B = len(wave)
+    target = F.one_hot(labels, n_classes).float()
+    if cfg.shift:
+        wave = shift(wave, lengths)
+    if cfg.stretch:  # one speed per batch: a single interpolation, where one per clip would gather
+        wave, lengths = resample(wave, 1 + (2 * float(torch.rand(())) - 1) * cfg.stretch, lengths)
+    if cfg.gain_db:
+        wave = wave * 10 ** ((torch.rand(B, 1, device=wave.device) * 2 - 1) * cfg.gain_db / 20)
+    if cfg.mixup:  # lam (B, 1): the first clip's share of the mix and of the target
+        lam = torch.distributions.Beta(cfg.mixup, cfg.mixup).sample((B, 1))
+        lam, perm = lam.to(wave.device), torch.randperm(B)
+        wave = lam * wave + (1 - lam) * wave[perm]
+        target = lam * target + (1 - lam) * target[perm]
+        lengths = None if lengths is None else torch.maximum(lengths, lengths[perm])
+    return wave, target, lengths
 
 
 # ----------------------------------------------------------------------------------------
@@ -830,6 +904,25 @@ class LogMel(nn.Module):
             spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
             mel = self.fbank.t() @ spec.abs().square()  # (n_mels, F) @ (B, F, frames) -> (B, n_mels, frames)
             return self.norm(torch.log(mel + 1e-6))
+
+
+def layer_len(n, k: int, s: int, pool: int):
+    """Positions out of a conv layer (kernel k, stride s, padding (k - s) // 2) and its max-pool."""
+    return ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
+
+
+def within(n, length: int):
+    """(B, 1, length) mask of the first n[b] positions of each row."""
+    return (torch.arange(length, device=n.device) < n[:, None])[:, None]
+
+
+def stem_frames(wave, conv: nn.Conv1d):
+    """conv, with one input channel, kernel k and stride s, over wave (B, S) as one matrix product
+    of the wave's k-sample frames: (B, L, k) @ (k, C) -> (B, C, 1, L) in channels-last memory.
+    The same numbers as conv1d, faster than oneDNN's convolution with one input channel."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s samples
+    return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # (B, L, C) -> (B, C, 1, L)
 
 
 class ConvFrontEnd(nn.Module):
@@ -897,25 +990,6 @@ class ConvFrontEnd(nn.Module):
                 x = x * within(n, x.shape[-1])[:, :, None]  # (B, 1, 1, L) mask
         # (B, C, 1, T) channels-last -> (B, T, C) contiguous; a clip too short to fill one frame keeps its first
         return x.squeeze(2).transpose(1, 2), None if n is None else n.clamp_min(1)
-
-
-def stem_frames(wave, conv: nn.Conv1d):
-    """conv, with one input channel, kernel k and stride s, over wave (B, S) as one matrix product
-    of the wave's k-sample frames: (B, L, k) @ (k, C) -> (B, C, 1, L) in channels-last memory.
-    The same numbers as conv1d, faster than oneDNN's convolution with one input channel."""
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s samples
-    return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # (B, L, C) -> (B, C, 1, L)
-
-
-def layer_len(n, k: int, s: int, pool: int):
-    """Positions out of a conv layer (kernel k, stride s, padding (k - s) // 2) and its max-pool."""
-    return ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
-
-
-def within(n, length: int):
-    """(B, 1, length) mask of the first n[b] positions of each row."""
-    return (torch.arange(length, device=n.device) < n[:, None])[:, None]
 
 
 class Dropout(nn.Module):
@@ -1050,54 +1124,7 @@ def count_params(model: nn.Module) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# metrics: everything from the labels and the predicted probabilities, in numpy
-# ----------------------------------------------------------------------------------------
-
-def confusion_matrix(labels, preds, n_classes):
-    """Counts with rows = true class, columns = predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
-    return cm
-
-
-def roc_curve(scores, positive):
-    """One-vs-rest ROC: (fpr, tpr) from (0, 0) to (1, 1); tied scores make one diagonal step."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], positive[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
-    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
-
-
-def auc(fpr, tpr):
-    """Trapezoid area; with ties stepped diagonally it equals the Mann-Whitney U / (n1 n0)."""
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def summarize(labels, probs, classes):
-    """Accuracy, per-class precision/recall/F1/AUC, macro F1 and AUC, confusion matrix."""
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    cm = confusion_matrix(labels, probs.argmax(1), len(classes))
-    tp = np.diag(cm).astype(np.float64)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    per_class, aucs = {}, []
-    for c, name in enumerate(classes):
-        pos = labels == c
-        a = auc(*roc_curve(probs[:, c], pos)) if 0 < pos.sum() < len(pos) else None  # undefined without both
-        aucs += [a] if a is not None else []
-        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                           "auc": a, "support": int(cm[c].sum())}
-    present = cm.sum(1) > 0  # macro F1 over the classes that occur in this set
-    return {"n": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)),
-            "macro_f1": float(f1[present].mean()), "macro_auc": float(np.mean(aucs)) if aucs else None,
-            "per_class": per_class, "confusion": cm.tolist()}
-
-
-# ----------------------------------------------------------------------------------------
-# training and evaluation
+# training
 # ----------------------------------------------------------------------------------------
 
 def lr_at(cfg: Config, step: int, total: int) -> float:
@@ -1121,6 +1148,21 @@ def n_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: float = 1.0):
+    """One AdamW step at learning rate lr on wave (B, S), soft targets (B, K), with the mean loss
+    multiplied by scale: (loss, logits (B, K))."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    # bf16 autocast runs the matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
+    with torch.autocast(wave.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        logits = model(wave, lengths)
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    (loss * scale if scale != 1 else loss).backward()
+    opt.step()
+    return loss.item(), logits.detach()
+
+
 def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
     """One pass over idx in the random order drawn from the generator `order` (the same in every
     process); each process trains on its share of every batch. Returns (mean loss, accuracy against the dominant target) over the whole pass."""
@@ -1142,57 +1184,6 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
     return loss_sum / len(idx), correct / len(idx)
 
 
-def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: float = 1.0):
-    """One AdamW step at learning rate lr on wave (B, S), soft targets (B, K), with the mean loss
-    multiplied by scale: (loss, logits (B, K))."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    # bf16 autocast runs the matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
-    with torch.autocast(wave.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        logits = model(wave, lengths)
-    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    (loss * scale if scale != 1 else loss).backward()
-    opt.step()
-    return loss.item(), logits.detach()
-
-
-def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0,
-                  lengths=None):
-    """LR range test (Smith 2017): from a fresh model, one step per batch of train_idx while the
-    learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
-    Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, n_classes).to(WORKER.device)
-    opt = make_optimizer(cfg, model)
-    model.train()
-    rows, avg, lowest = [], 0.0, math.inf
-    batches = []
-    for step in range(steps):
-        if not batches:  # a fresh random order each pass over the training clips
-            perm = torch.from_numpy(train_idx)[torch.randperm(len(train_idx))]
-            batches = list(perm.tensor_split(n_batches(len(train_idx), cfg.batch_size)))
-        chunk = batches.pop()
-        lr = lo * (hi / lo) ** (step / (steps - 1))
-        wave, target, n = augment(waves[chunk].to(WORKER.device), labels[chunk].to(WORKER.device), n_classes, cfg,
-                                  None if lengths is None else lengths[chunk].to(WORKER.device))
-        loss, _ = train_step(model, opt, wave, target, cfg, lr, n)
-        avg = 0.9 * avg + 0.1 * loss
-        smoothed = avg / (1 - 0.9 ** (step + 1))  # bias-corrected exponential average
-        rows.append({"step": step + 1, "lr": lr, "loss": loss, "smoothed": smoothed})
-        lowest = min(lowest, smoothed)
-        if not math.isfinite(loss) or smoothed > 4 * lowest:
-            break
-    return rows
-
-
-def suggest_lr(rows) -> float:
-    """The learning rate at the smoothed loss's minimum: the largest at which the loss still
-    falls, which Smith (2018) takes as one-cycle's peak (the schedule spends little time there).
-    The steepest descent, the other common rule, proved unstable here (NOTES.md)."""
-    return float(min(rows, key=lambda r: r["smoothed"])["lr"])
-
-
 @torch.no_grad()
 def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
     """Class probabilities (N, K) in eval mode, each process predicting every world-th clip.
@@ -1208,37 +1199,6 @@ def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
     return gather_rows(torch.cat(probs) if probs else None)
 
 
-def grad_cam(model, wave, target: int):
-    """Grad-CAM over time at the front end's output: wave (S,) -> (T,) scaled to [0, 1]. Each
-    channel is weighted by its mean gradient of the target logit over time (Selvaraju et al. 2017)."""
-    model.eval()
-    feats = {}
-    handle = model.front.register_forward_hook(lambda module, inputs, out: feats.update(x=out[0]))
-    try:
-        logits = model(wave[None])  # (1, K)
-    finally:
-        handle.remove()
-    x = feats["x"]  # (1, T, C)
-    grad, = torch.autograd.grad(logits[0, target], x)  # (1, T, C)
-    cam = F.relu((grad.mean(1, keepdim=True) * x).sum(2))[0]  # (T,)
-    return (cam / cam.max().clamp_min(1e-12)).detach()
-
-
-@torch.no_grad()
-def cls_attention(model, wave):
-    """The <cls> token's attention over the T frames: per block and head (depth, nh, T), and rolled
-    out over the blocks (T,), with the residual counted as half of each block (Abnar & Zuidema 2020)."""
-    model.eval()
-    model(wave[None])
-    atts = [block.attn.att[0] for block in model.blocks]  # depth x (nh, 1 + T, 1 + T)
-    n = atts[0].shape[-1]
-    eye = torch.eye(n, device=atts[0].device)
-    rollout = eye
-    for att in atts:
-        rollout = (0.5 * att.mean(0) + 0.5 * eye) @ rollout  # (1 + T, 1 + T)
-    return torch.stack([att[:, 0, 1:] for att in atts]), rollout[0, 1:]
-
-
 def evaluate(model, waves, labels, precision: str = "fp32", lengths=None):
     """(loss, accuracy, probs) on clips without augmentation."""
     probs = predict(model, waves, precision, lengths)
@@ -1247,22 +1207,15 @@ def evaluate(model, waves, labels, precision: str = "fp32", lengths=None):
     return loss, (probs.argmax(1) == labels).float().mean().item(), probs
 
 
-def save_atomic(obj, path: Path):
-    """torch.save to a temporary name, then rename: a reader never sees half a file. Under
-    torchrun only rank 0 writes files (here and in write_text)."""
-    if not WORKER.main:
-        return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def result_settings(cfg: Config) -> dict:
+    """The settings that change what a run computes; a resumed run must match them."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
 
 
-def load_checked(path: Path):
-    """torch.load, with a damaged or truncated file reported in one line instead of half-loaded."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
+def differences(saved: dict, cfg: Config) -> str:
+    """Settings in which cfg differs from a saved run's, as flags ('' when none)."""
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+                     for k, v in result_settings(cfg).items() if saved.get(k) != v)
 
 
 def load_state(path: Path, cfg: Config):
@@ -1274,6 +1227,27 @@ def load_state(path: Path, cfg: Config):
     if changed:
         raise UserError(f"{path}: saved with other settings ({changed}); rerun with --restart")
     return state
+
+
+def rng_states() -> list:
+    """Every process's random state (the CPU's, and the GPU's where one is used), in rank order."""
+    own = {"cpu": torch.get_rng_state()}
+    if WORKER.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(WORKER.device)
+    if WORKER.world == 1:
+        return [own]
+    states = [None] * WORKER.world
+    dist.all_gather_object(states, own)
+    return states
+
+
+def set_rng_state(saved, path: Path):
+    if len(saved) != WORKER.world:
+        raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {WORKER.world}; "
+                        "resume with the same number, or rerun with --restart")
+    torch.set_rng_state(saved[WORKER.rank]["cpu"])
+    if "cuda" in saved[WORKER.rank] and WORKER.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[WORKER.rank]["cuda"], WORKER.device)
 
 
 def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress, lengths=None):
@@ -1333,212 +1307,151 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     return model, state["best"]["epoch"] if cfg.select == "best" else cfg.epochs, state["history"], final_val
 
 
-def rng_states() -> list:
-    """Every process's random state (the CPU's, and the GPU's where one is used), in rank order."""
-    own = {"cpu": torch.get_rng_state()}
-    if WORKER.device.type == "cuda":
-        own["cuda"] = torch.cuda.get_rng_state(WORKER.device)
-    if WORKER.world == 1:
-        return [own]
-    states = [None] * WORKER.world
-    dist.all_gather_object(states, own)
-    return states
+# ----------------------------------------------------------------------------------------
+# evaluation and metrics: everything from the labels and the predicted probabilities
+# ----------------------------------------------------------------------------------------
+
+def confusion_matrix(labels, preds, n_classes):
+    """Counts with rows = true class, columns = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+    return cm
 
 
-def set_rng_state(saved, path: Path):
-    if len(saved) != WORKER.world:
-        raise UserError(f"{path}: saved by {len(saved)} process(es), resumed by {WORKER.world}; "
-                        "resume with the same number, or rerun with --restart")
-    torch.set_rng_state(saved[WORKER.rank]["cpu"])
-    if "cuda" in saved[WORKER.rank] and WORKER.device.type == "cuda":
-        torch.cuda.set_rng_state(saved[WORKER.rank]["cuda"], WORKER.device)
+def roc_curve(scores, positive):
+    """One-vs-rest ROC: (fpr, tpr) from (0, 0) to (1, 1); tied scores make one diagonal step."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
 
 
-def result_settings(cfg: Config) -> dict:
-    """The settings that change what a run computes; a resumed run must match them."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPORTING_FIELDS}
+def auc(fpr, tpr):
+    """Trapezoid area; with ties stepped diagonally it equals the Mann-Whitney U / (n1 n0)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def differences(saved: dict, cfg: Config) -> str:
-    """Settings in which cfg differs from a saved run's, as flags ('' when none)."""
-    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
-                     for k, v in result_settings(cfg).items() if saved.get(k) != v)
+def summarize(labels, probs, classes):
+    """Accuracy, per-class precision/recall/F1/AUC, macro F1 and AUC, confusion matrix."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    cm = confusion_matrix(labels, probs.argmax(1), len(classes))
+    tp = np.diag(cm).astype(np.float64)
+    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    per_class, aucs = {}, []
+    for c, name in enumerate(classes):
+        pos = labels == c
+        a = auc(*roc_curve(probs[:, c], pos)) if 0 < pos.sum() < len(pos) else None  # undefined without both
+        aucs += [a] if a is not None else []
+        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                           "auc": a, "support": int(cm[c].sum())}
+    present = cm.sum(1) > 0  # macro F1 over the classes that occur in this set
+    return {"n": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)),
+            "macro_f1": float(f1[present].mean()), "macro_auc": float(np.mean(aucs)) if aucs else None,
+            "per_class": per_class, "confusion": cm.tolist()}
+
+
+def pooled(results, labels, splits, test_idx, split: str):
+    """Every fold model's predictions on `split` ("val" or "val_final": each its own fold, by the
+    chosen or the last epoch; "test": the test fold), stacked: (labels (N,), probs (N, K) float64)."""
+    if split == "test":
+        return labels[test_idx].repeat(len(results)), torch.cat([r["test"] for r in results]).double()
+    return labels[np.concatenate([v for _, v in splits])], torch.cat([r[split] for r in results]).double()
+
+
+def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
+    """Pooled out-of-fold validation, the fold models on the test fold, and their ensemble."""
+    folds = []
+    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
+        fm = {"fold": fold, "chosen_epoch": res["chosen_epoch"], "seconds": res["seconds"],
+              "val": summarize(labels[val_idx], res["val"], classes),
+              "val_final": summarize(labels[val_idx], res["val_final"], classes)}
+        if res["test"] is not None:
+            fm["test"] = summarize(labels[test_idx], res["test"], classes)
+        folds.append(fm)
+    metrics = {"val": summarize(*pooled(results, labels, splits, test_idx, "val"), classes),
+               "val_final": summarize(*pooled(results, labels, splits, test_idx, "val_final"), classes),
+               "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
+    if len(test_idx):
+        accs = [fm["test"]["accuracy"] for fm in folds]
+        ensemble = torch.stack([r["test"] for r in results]).double().mean(0)  # (k, N_test, K) -> (N_test, K)
+        metrics.update(test=summarize(*pooled(results, labels, splits, test_idx, "test"), classes),
+                       test_mean=float(np.mean(accs)), test_std=float(np.std(accs)),
+                       ensemble_test=summarize(labels[test_idx], ensemble, classes))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------
-# prediction on a user's own recordings
+# logging: progress lines, result files, Weights & Biases
 # ----------------------------------------------------------------------------------------
 
-def load_fold_models(run_dir: Path) -> tuple:
-    """(config, classes, the fold models) of a finished run: config.json, metrics.json and
-    fold<i>/model.pt, loaded with weights_only (a model file from elsewhere cannot run code)."""
-    paths = sorted(run_dir.glob("fold*/model.pt"))
-    if not paths or not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-        classes = saved["classes"]
-        models = [build_model(cfg, len(classes)) for _ in paths]
-        for model, path in zip(models, paths):
-            model.load_state_dict(load_checked(path))  # half-precision files load into float32
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
-    return cfg, classes, [m.to(WORKER.device).eval() for m in models]
+def print_progress_factory(cfg: Config, k: int):
+    """Per-epoch line with the fold, the epoch and the time left for the whole run."""
+    t0, done = time.time(), [0]
+
+    def progress(fold, row):
+        done[0] += 1
+        left = (time.time() - t0) / done[0] * (k * cfg.epochs - (fold - 1) * cfg.epochs - row["epoch"])
+        print(f"fold {fold}/{k} epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.2e} "
+              f"train {row['train_loss']:.3f} {row['train_acc']:6.1%} val {row['val_loss']:.3f} "
+              f"{row['val_acc']:6.1%} {row['seconds']:.1f}s left {left / 60:.1f}m", flush=True)
+    return progress
 
 
-def wav_files(paths: list) -> list:
-    """Each PATH, or a folder's *.wav files, recursively, in name order."""
-    files = []
-    for p in map(Path, paths):
-        files += sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
-    return files
+def print_summary(metrics: dict, select: str):
+    """The pooled validation of the last epoch and, with --select best, of the best epoch: that
+    one chose each fold's epoch on the fold itself, so it is optimistic."""
+    print("\n" + "-" * 72)
+    print(f"{'set':<40}{'accuracy':>10}{'macro F1':>10}{'macro AUC':>11}")
+    for key, label in (("val_final", "validation, final epoch (pooled)"),
+                       ("val", "validation, best epoch (optimistic)" if select == "best" else ""),
+                       ("test", "test (fold models)"), ("ensemble_test", "test (ensemble)")):
+        m = metrics.get(key)
+        if m and label:
+            print(f"{label:<40}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
+    if metrics["test"]:
+        print(f"test accuracy over fold models: {metrics['test_mean']:.4f} +- {metrics['test_std']:.4f}")
+    p = metrics["params"]
+    print(f"parameters: {p['trainable']:,} trainable, {p['non_trainable']:,} non-trainable; "
+          f"buffers: {p['buffers']:,}")
+    print(f"time: {metrics['seconds'] / 60:.1f} min")
 
 
-def windows(wave, n: int) -> tuple:
-    """A wave (L,) as clip-length windows (W, n): a shorter one padded as in training, a longer one
-    cut at a hop of half a window, the last ending at the end. -> (windows, starts in samples)."""
-    if len(wave) <= n:
-        return F.pad(wave, (0, n - len(wave)))[None], [0]
-    starts = list(range(0, len(wave) - n + 1, n // 2))
-    starts += [len(wave) - n] if starts[-1] != len(wave) - n else []
-    return torch.stack([wave[s:s + n] for s in starts]), starts
+def prediction_rows(fold, split, filenames, labels, probs):
+    probs = probs.double().numpy()
+    return [[fold, split, f, int(y), int(p.argmax())] + p.tolist() for f, y, p in zip(filenames, labels, probs)]
 
 
-def predict_files(cfg: Config) -> int:
-    """--predict: the fold models' averaged probabilities for each file (each window's, averaged
-    over its windows); one line per file, or JSON lines. A file that cannot be read is named on
-    stderr and skipped; the exit status is then 2."""
-    run_cfg, classes, models = load_fold_models(Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL)
-    precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
-    n, rate = round(run_cfg.sample_rate * run_cfg.clip_seconds), run_cfg.sample_rate
-    decoded, failed = [], 0
-    for path in wav_files(cfg.predict):
-        try:
-            wave, file_rate = load_wav(path)
-        except (UserError, OSError) as e:  # OSError: absent, a folder, no permission
-            print(f"audiotx: error: {e if isinstance(e, UserError) else f'{path}: {e.strerror}'}", file=sys.stderr)
-            failed += 1
-            continue
-        wave = torch.from_numpy(to_rate(wave, file_rate, rate))
-        decoded.append((path, len(wave) / rate, *windows(wave, n)))
-    if decoded:  # every window of every file in one pass of batches, through each fold model
-        probs = sum(predict(m, torch.cat([d[2] for d in decoded]), precision) for m in models) / len(models)
-        width = max(len(str(d[0])) for d in decoded)
-        for (path, seconds, _, starts), p in zip(decoded, probs.split([len(d[3]) for d in decoded])):
-            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate, width))
-    return 2 if failed else 0
+def write_predictions(run_dir: Path, rows: list, classes: list):
+    """predictions.csv: fold, split, filename, label, pred, then one probability per class."""
+    header = ["fold", "split", "filename", "label", "pred"] + [f"p_{c}" for c in classes]
+    write_csv(run_dir / "predictions.csv", header, rows)
 
 
-def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bool, rate: int,
-                    width: int) -> str:
-    """One file's answer: its path and top 3 classes, or a JSON object (with its windows when
-    the file is longer than one)."""
-    mean = probs.double().mean(0)  # (K,)
-    named = lambda p: {c: round(float(v), 6) for c, v in zip(classes, p)}  # noqa: E731
-    if not as_json:
-        top = mean.argsort(descending=True)[:3].tolist()
-        name = max(map(len, classes))
-        return f"{str(path):<{width}}" + "".join(f"  {classes[c]:<{name}} {float(mean[c]):.3f}" for c in top)
-    out = {"file": str(path), "pred": classes[int(mean.argmax())], "probs": named(mean)}
-    if len(starts) > 1:
-        out["windows"] = [{"start": round(s / rate, 4), "end": round(min(s / rate + window_s, seconds), 4),
-                           "pred": classes[int(p.argmax())], "probs": named(p)} for s, p in zip(starts, probs)]
-    return json.dumps(out)
+def write_roc(run_dir: Path, labels, probs, classes):
+    rows = []
+    for c, name in enumerate(classes):
+        fpr, tpr = roc_curve(probs[:, c], np.asarray(labels) == c)
+        rows += [[name, a, b] for a, b in zip(fpr.tolist(), tpr.tolist())]
+    write_csv(run_dir / "roc.csv", ["class", "fpr", "tpr"], rows)
 
 
-# ----------------------------------------------------------------------------------------
-# tuning: successive halving over random settings, scored on validation folds only
-# ----------------------------------------------------------------------------------------
-
-SPACE = {  # what --tune samples; depth only for the transformer
-    "lr": lambda r: float(round(10 ** r.uniform(-3.3, -2.2), 5)),
-    "weight_decay": lambda r: float(round(10 ** r.uniform(-3, -0.7), 4)),
-    "dropout": lambda r: float(r.choice([0.0, 0.1, 0.2, 0.3])),
-    "dim": lambda r: int(r.choice([64, 128, 192])),
-    "depth": lambda r: int(r.choice([2, 3, 4])),
-    "mixup": lambda r: float(r.choice([0.0, 0.2, 0.4, 1.0])),
-    "gain_db": lambda r: float(r.choice([0.0, 6.0])),
-    "label_smoothing": lambda r: float(r.choice([0.0, 0.1])),
-}
-
-
-def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
-    """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
-    (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds), and the search
-    stops when one is left (training it again would only re-score it). A trial's score is its
-    mean over folds of the validation accuracy of its last 10% of epochs. Only ds.splits
-    are used: the test fold is never read. Writes out/trials.csv (every trial at every rung) and
-    out/best.json; a rerun reuses the scores in trials.csv whose settings still match."""
-    rng = np.random.default_rng(cfg.seed)
-    names = [n for n in SPACE if n != "depth" or cfg.arch == "transformer"]
-    # Trial 0 is the recipe as given, so the search returns it unless another setting beats it.
-    trials = [{n: getattr(cfg, n) for n in names}] + [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
-    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")
-            if int(r["trial"]) < len(trials) and all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
-        if (out / "trials.csv").is_file() else {}
-    rows, alive = [], list(range(len(trials)))
-    for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),
-                                              (cfg.epochs, cfg.kfold)]):
-        scores = {}
-        for t in alive:
-            trial_cfg = dataclasses.replace(cfg, **trials[t], epochs=epochs, tune=0)
-            scores[t] = done.get((t, rung))
-            if scores[t] is None:
-                scores[t] = score_trial(trial_cfg, ds, clips, out / f"trial{t}-rung{rung}", n_folds)
-            rows.append({"trial": t, "rung": rung, "epochs": epochs, "folds": n_folds, **trials[t],
-                         "score": scores[t]})
-            write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
-            print(f"tune {cfg.arch}: rung {rung} trial {t} ({epochs} epochs, {n_folds} folds) "
-                  f"score {scores[t]:.4f} {trials[t]}", flush=True)
-        alive = sorted(alive, key=lambda t: -scores[t])[:max(1, math.ceil(len(alive) / 3))]
-        if len(alive) == 1:
-            break
-    best = {"arch": cfg.arch, "score": scores[alive[0]], "trial": alive[0], "hparams": trials[alive[0]]}
-    write_json(out / "best.json", best)
-    print(f"tune {cfg.arch}: best trial {alive[0]}, score {best['score']:.4f}: {best['hparams']}")
-    return best
-
-
-def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds: int) -> float:
-    """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
-    tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the final runs
-    accs = []
-    for fold in range(1, n_folds + 1):
-        fold_dir = trial_dir / f"fold{fold}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
-                                   len(ds.classes), tracker, lambda *_: None, clips[1])
-        tail = max(1, len(history) // 10)
-        accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
-        if WORKER.main:
-            (fold_dir / "state.pt").unlink(missing_ok=True)
-    return float(np.mean(accs))
-
-
-# ----------------------------------------------------------------------------------------
-# logging and reporting: files, Weights & Biases
-# ----------------------------------------------------------------------------------------
-
-def write_text(path: Path, text: str):
-    if not WORKER.main:
-        return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_csv(path: Path, header, rows):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows([f"{v:.17g}" if isinstance(v, float) else v for v in row] for row in rows)
-    write_text(path, buf.getvalue())
+def write_results(run_dir, results, labels, splits, test_idx, filenames, classes):
+    """predictions.csv for every validation (chosen and last epoch) and test prediction; roc.csv
+    for the test set (the last epoch's pooled validation predictions when there is none)."""
+    rows = []
+    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
+        for split in ("val", "val_final"):
+            rows += prediction_rows(fold, split, [filenames[i] for i in val_idx], labels[val_idx], res[split])
+        if res["test"] is not None:
+            rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
+    write_predictions(run_dir, rows, classes)
+    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val_final")
+    write_roc(run_dir, roc_labels.numpy(), roc_probs.numpy(), classes)
+    return roc_labels.numpy(), roc_probs.numpy()
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -1628,36 +1541,101 @@ class Tracker:
         self.run = None
 
 
-def print_progress_factory(cfg: Config, k: int):
-    """Per-epoch line with the fold, the epoch and the time left for the whole run."""
-    t0, done = time.time(), [0]
+# ----------------------------------------------------------------------------------------
+# prediction on a user's own recordings
+# ----------------------------------------------------------------------------------------
 
-    def progress(fold, row):
-        done[0] += 1
-        left = (time.time() - t0) / done[0] * (k * cfg.epochs - (fold - 1) * cfg.epochs - row["epoch"])
-        print(f"fold {fold}/{k} epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.2e} "
-              f"train {row['train_loss']:.3f} {row['train_acc']:6.1%} val {row['val_loss']:.3f} "
-              f"{row['val_acc']:6.1%} {row['seconds']:.1f}s left {left / 60:.1f}m", flush=True)
-    return progress
+def load_fold_models(run_dir: Path) -> tuple:
+    """(config, classes, the fold models) of a finished run: config.json, metrics.json and
+    fold<i>/model.pt, loaded with weights_only (a model file from elsewhere cannot run code)."""
+    paths = sorted(run_dir.glob("fold*/model.pt"))
+    if not paths or not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+        classes = saved["classes"]
+        models = [build_model(cfg, len(classes)) for _ in paths]
+        for model, path in zip(models, paths):
+            model.load_state_dict(load_checked(path))  # half-precision files load into float32
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    return cfg, classes, [m.to(WORKER.device).eval() for m in models]
 
 
-def write_predictions(run_dir: Path, rows: list, classes: list):
-    """predictions.csv: fold, split, filename, label, pred, then one probability per class."""
-    header = ["fold", "split", "filename", "label", "pred"] + [f"p_{c}" for c in classes]
-    write_csv(run_dir / "predictions.csv", header, rows)
+def wav_files(paths: list) -> list:
+    """Each PATH, or a folder's *.wav files, recursively, in name order."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
+    return files
 
 
-def prediction_rows(fold, split, filenames, labels, probs):
-    probs = probs.double().numpy()
-    return [[fold, split, f, int(y), int(p.argmax())] + p.tolist() for f, y, p in zip(filenames, labels, probs)]
+def windows(wave, n: int) -> tuple:
+    """A wave (L,) as clip-length windows (W, n): a shorter one padded as in training, a longer one
+    cut at a hop of half a window, the last ending at the end. -> (windows, starts in samples)."""
+    if len(wave) <= n:
+        return F.pad(wave, (0, n - len(wave)))[None], [0]
+    starts = list(range(0, len(wave) - n + 1, n // 2))
+    starts += [len(wave) - n] if starts[-1] != len(wave) - n else []
+    return torch.stack([wave[s:s + n] for s in starts]), starts
 
 
-def write_roc(run_dir: Path, labels, probs, classes):
-    rows = []
-    for c, name in enumerate(classes):
-        fpr, tpr = roc_curve(probs[:, c], np.asarray(labels) == c)
-        rows += [[name, a, b] for a, b in zip(fpr.tolist(), tpr.tolist())]
-    write_csv(run_dir / "roc.csv", ["class", "fpr", "tpr"], rows)
+def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bool, rate: int,
+                    width: int) -> str:
+    """One file's answer: its path and top 3 classes, or a JSON object (with its windows when
+    the file is longer than one)."""
+    mean = probs.double().mean(0)  # (K,)
+    named = lambda p: {c: round(float(v), 6) for c, v in zip(classes, p)}  # noqa: E731
+    if not as_json:
+        top = mean.argsort(descending=True)[:3].tolist()
+        name = max(map(len, classes))
+        return f"{str(path):<{width}}" + "".join(f"  {classes[c]:<{name}} {float(mean[c]):.3f}" for c in top)
+    out = {"file": str(path), "pred": classes[int(mean.argmax())], "probs": named(mean)}
+    if len(starts) > 1:
+        out["windows"] = [{"start": round(s / rate, 4), "end": round(min(s / rate + window_s, seconds), 4),
+                           "pred": classes[int(p.argmax())], "probs": named(p)} for s, p in zip(starts, probs)]
+    return json.dumps(out)
+
+
+def predict_files(cfg: Config) -> int:
+    """--predict: the fold models' averaged probabilities for each file (each window's, averaged
+    over its windows); one line per file, or JSON lines. A file that cannot be read is named on
+    stderr and skipped; the exit status is then 2."""
+    run_cfg, classes, models = load_fold_models(Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL)
+    precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
+    n, rate = round(run_cfg.sample_rate * run_cfg.clip_seconds), run_cfg.sample_rate
+    decoded, failed = [], 0
+    for path in wav_files(cfg.predict):
+        try:
+            wave, file_rate = load_wav(path)
+        except (UserError, OSError) as e:  # OSError: absent, a folder, no permission
+            print(f"audiotx: error: {e if isinstance(e, UserError) else f'{path}: {e.strerror}'}", file=sys.stderr)
+            failed += 1
+            continue
+        wave = torch.from_numpy(to_rate(wave, file_rate, rate))
+        decoded.append((path, len(wave) / rate, *windows(wave, n)))
+    if decoded:  # every window of every file in one pass of batches, through each fold model
+        probs = sum(predict(m, torch.cat([d[2] for d in decoded]), precision) for m in models) / len(models)
+        width = max(len(str(d[0])) for d in decoded)
+        for (path, seconds, _, starts), p in zip(decoded, probs.split([len(d[3]) for d in decoded])):
+            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate, width))
+    return 2 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------
+# run and main
+# ----------------------------------------------------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -1684,16 +1662,6 @@ def run_lock(run_dir: Path):
         lock.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 def prepare_run_dir(cfg: Config, run_dir: Path, config: dict):
     """config.json in run_dir; a different configuration under the same name is refused."""
     old = run_dir / "config.json"
@@ -1716,494 +1684,271 @@ def clear_run_dir(run_dir: Path):
             p.unlink()
 
 
-def shown_path(path: Path) -> str:
-    """A path as config.json records it: under ~, else relative to the working folder, so no
-    file the project commits holds this machine's absolute paths."""
-    path, home = Path(path).resolve(), Path.home().resolve()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else os.path.relpath(path)
+def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> dict:
+    """The chosen model's probabilities on its validation fold and the test fold; a finished
+    fold is read back from fold<i>/result.pt, never retrained."""
+    fold_dir = run_dir / f"fold{fold}"
+    if WORKER.main:
+        fold_dir.mkdir(exist_ok=True)
+    if (fold_dir / "result.pt").is_file():
+        return load_checked(fold_dir / "result.pt")
+    (waves, lengths), split, test_idx, labels, classes = clips, ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
+    model, epoch, history, final_val = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes),
+                                                  tracker, progress, lengths)
+    on = lambda idx: (waves[idx], cfg.precision, None if lengths is None else lengths[idx])  # noqa: E731
+    res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history), "val_final": final_val,
+           "val": predict(model, *on(split[1])), "test": predict(model, *on(test_idx)) if len(test_idx) else None}
+    shown = "test" if len(test_idx) else "val_final"
+    shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
+    tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
+    tracker.finish()
+    save_atomic(model.state_dict(), fold_dir / "model.pt")
+    save_atomic(res, fold_dir / "result.pt")
+    if WORKER.main:
+        (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
+    return res
 
 
-def code_version() -> dict:
-    """The checkout's git commit and whether its tracked files had changes; {} outside git."""
+def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
+    """load_clips, with the cache built by one process per machine while the others wait for
+    it; then on the device where it fits."""
+    if WORKER.local_rank == 0:
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+    barrier()
+    if WORKER.local_rank:
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+    return to_device(waves), to_device(lengths)
+
+
+def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
+    if (run_dir / "metrics.json").is_file():
+        print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
+        return json.loads((run_dir / "metrics.json").read_text())
+    clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
+    print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
+          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds"
+          + (f", {WORKER.world} processes on {WORKER.device.type}" if WORKER.world > 1 else f" on {WORKER.device.type}"))
+    tracker = Tracker(cfg, run_dir, config)
+    progress = print_progress_factory(cfg, cfg.kfold)
+    results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
+    labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
+    metrics = gather_metrics(results, labels, splits, test_idx, classes)
+    if not WORKER.main:
+        return metrics
+    # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
+    metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
+    roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
+                                          [r["filename"] for r in ds.table], classes)
+    write_json(run_dir / "metrics.json", metrics)
+    tracker.start("summary")
+    tracker.summary(metrics["test"] or metrics["val_final"], roc_labels, roc_probs, classes,
+                    "test" if metrics["test"] else "val_final")
+    tracker.finish()
+    print_summary(metrics, cfg.select)
+    if tracker.mode == "offline":
+        print(f"W&B offline runs: {run_dir / 'wandb'} (upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
+    return metrics
+
+
+def run(cfg: Config) -> dict:
+    """The experiment: data, splits, k fold trainings, test metrics, files."""
+    check_config(cfg)
+    cfg = resolve_precision(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ds = load_dataset(cfg)
+    run_dir = Path(cfg.out) / run_name(cfg)
+    with run_lock(run_dir) if WORKER.main else contextlib.nullcontext():
+        if cfg.restart and WORKER.main:
+            clear_run_dir(run_dir)
+        if cfg.lr_find or cfg.lr == "auto":  # config.json records the number
+            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if WORKER.main else None))
+            if cfg.lr_find:
+                return {"lr": cfg.lr}
+        config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
+                  "classes": ds.classes, "n_clips": len(ds.table), "versions": versions(),
+                  "code": code_version(), "processes": WORKER.world,
+                  "device_used": str(WORKER.device),
+                  "params": count_params(build_model(cfg, len(ds.classes)))}
+        if WORKER.main:
+            prepare_run_dir(cfg, run_dir, config)
+        barrier()  # the other processes look at the folder once rank 0 has cleared and claimed it
+        if cfg.tune:
+            return tune(cfg, ds, load_clips_once(ds, cfg), run_dir)
+        return run_locked(cfg, run_dir, config, ds)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10, check=True).stdout.strip()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__}
-
-
-def print_summary(metrics: dict, select: str):
-    """The pooled validation of the last epoch and, with --select best, of the best epoch: that
-    one chose each fold's epoch on the fold itself, so it is optimistic."""
-    print("\n" + "-" * 72)
-    print(f"{'set':<40}{'accuracy':>10}{'macro F1':>10}{'macro AUC':>11}")
-    for key, label in (("val_final", "validation, final epoch (pooled)"),
-                       ("val", "validation, best epoch (optimistic)" if select == "best" else ""),
-                       ("test", "test (fold models)"), ("ensemble_test", "test (ensemble)")):
-        m = metrics.get(key)
-        if m and label:
-            print(f"{label:<40}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
-    if metrics["test"]:
-        print(f"test accuracy over fold models: {metrics['test_mean']:.4f} +- {metrics['test_std']:.4f}")
-    p = metrics["params"]
-    print(f"parameters: {p['trainable']:,} trainable, {p['non_trainable']:,} non-trainable; "
-          f"buffers: {p['buffers']:,}")
-    print(f"time: {metrics['seconds'] / 60:.1f} min")
-
-
-# ----------------------------------------------------------------------------------------
-# report: REPORT.md and SVG figures, from the files finished runs wrote
-# ----------------------------------------------------------------------------------------
-
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf", "#000000"]
-
-
-def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320, x_integer=False):
-    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs);
-    x_integer: x ticks at whole numbers only (epochs)."""
-    left, right, top, bottom = 55, 150, 30, 42
-    xs = np.concatenate([np.asarray(s[1], float) for s in series])
-    ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
-    xticks, yticks = nice_ticks(xs.min(), xs.max(), integer=x_integer), nice_ticks(ys.min(), ys.max())
-    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
-    py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
-           f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">{xml_escape(xlabel)}</text>',
-           f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{xml_escape(ylabel)}</text>',
-           f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
-    out += [f'<text class="x" x="{px(v):.1f}" y="{h - bottom + 14}" text-anchor="middle">{v:g}</text>' for v in xticks]
-    out += [f'<text class="y" x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
-            f'<path d="M{left},{py(v):.1f} H{w - right}" stroke="#ddd"/>' for v in yticks]
-    for i, (label, sx, sy, band) in enumerate(series):
-        color = COLORS[i % len(COLORS)]
-        if band is not None:
-            pts = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
-            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" '
-                       f'fill="{color}" fill-opacity="0.18" stroke="none"/>')
-        out.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))}" '
-                   f'fill="none" stroke="{color}" stroke-width="1.5"/>')
-        ly = top + 8 + 15 * i
-        out += [f'<path d="M{w - right + 8},{ly} h16" stroke="{color}" stroke-width="2"/>',
-                f'<text x="{w - right + 28}" y="{ly + 4}">{xml_escape(label)}</text>']
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> list:
-    """Ticks at whole multiples of a round step (1, 2, 2.5 or 5 times a power of ten; at least 1
-    for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
-    if hi == lo:  # one value: a range around it
-        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
-    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20) for m in (1, 2, 2.5, 5))
-    for step in sorted(st for st in steps if st >= 1 or not integer):
-        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-        if last - first + 1 <= most:
-            return [round(k * step, 12) for k in range(first, last + 1)]
-    return [lo, hi]
-
-
-def svg_confusion(cm, classes, title):
-    """Confusion matrix heat map with counts; rows true, columns predicted."""
-    cm = np.asarray(cm)
-    label = 7 * max(len(str(c)) for c in classes) + 10  # room for the longest class name at 12 px
-    cell, left, top = 34, label + 20, 40
-    size = len(classes) * cell
-    w, h = left + size + 20, top + size + label + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{xml_escape(title)}</text>',
-           f'<text x="{left + size / 2}" y="{h - 6}" text-anchor="middle">predicted</text>',
-           f'<text x="10" y="{top - 8}">true</text>']
-    rows = np.maximum(cm.sum(1, keepdims=True), 1)
-    for i, name in enumerate(classes):
-        out += [f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">{xml_escape(name)}</text>',
-                f'<text x="{left + i * cell + cell / 2 + 4}" y="{top + size + 6}" text-anchor="end" '
-                f'transform="rotate(-90 {left + i * cell + cell / 2 + 4} {top + size + 6})">{xml_escape(name)}</text>']
-        for j in range(len(classes)):
-            share = cm[i, j] / rows[i, 0]  # colour by the row's share, so classes of any size compare
-            out += [f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
-                    f'fill="rgb({int(255 - 225 * share)},{int(255 - 155 * share)},255)" stroke="#fff"/>',
-                    f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" text-anchor="middle" '
-                    f'fill="{"white" if share > 0.6 else "black"}">{cm[i, j]}</text>']
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def xml_escape(text) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_runs(root: Path) -> list:
-    """Every finished configuration under root: its config, metrics, per-fold histories and ROC points."""
-    runs = []
-    for m in sorted(root.glob("*/metrics.json")):
-        d = m.parent
-        config, metrics = json.loads((d / "config.json").read_text()), json.loads(m.read_text())
-        histories = [read_csv(d / f"fold{i}" / "history.csv") for i in range(1, config["kfold"] + 1)]
-        runs.append({"name": d.name, "dir": d, "config": config, "metrics": metrics, "histories": histories,
-                     "roc": read_csv(d / "roc.csv")})
-    return runs
-
-
-def headline(run) -> dict:
-    """The numbers of one configuration that the tables compare: validation accuracy of each fold's
-    last epoch (its history's last row), which nothing chose, and of its best (optimistic)."""
-    m, folds = run["metrics"], run["metrics"]["folds"]
-    val = [float(h[-1]["val_acc"]) for h in run["histories"]]
-    best = [f["val"]["accuracy"] for f in folds]
-    shown = m["test"] or m.get("val_final") or m["val"]
-    return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
-            "best_mean": float(np.mean(best)),
-            "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
-            "f1": shown["macro_f1"], "auc": shown["macro_auc"],
-            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m else "val, best epoch"}
-
-
-def split_label(config) -> str:
-    return f"test fold {config['test_fold']}, k={config['kfold']}" if config["test_fold"] else \
-        f"no test fold, k={config['kfold']}"
-
-
-def config_table(runs) -> list:
-    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc, final epoch | "
-             "val acc, best epoch (optimistic) | test acc (fold models) | ensemble test acc | macro F1 | "
-             "macro AUC | F1/AUC on | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        c, m, h = r["config"], r["metrics"], headline(r)
-        test = f"{m['test_mean']:.3f} ± {m['test_std']:.3f}" if m["test"] else "-"
-        ens = f"{m['ensemble_test']['accuracy']:.3f}" if m["ensemble_test"] else "-"
-        lines.append(f"| {r['name']} | {c['arch']} | {c['heads'] if c['arch'] == 'transformer' else '-'} | "
-                     f"{split_label(c)} | {m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
-                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {h['best_mean']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
-                     f"{h['on']} | {m['seconds'] / 60:.1f} |")
-    return lines
-
-
-def paired(a, b):
-    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2 or np.allclose(d, d[0]):
-        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
-    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), float(scipy.stats.ttest_rel(a, b).pvalue)
-
-
-def best_per_split(runs) -> dict:
-    """{split: its configuration with the highest mean validation accuracy}; the test fold plays no part."""
-    splits = sorted({split_label(r["config"]) for r in runs})
-    return {s: max((r for r in runs if split_label(r["config"]) == s), key=lambda r: headline(r)["val_mean"])
-            for s in splits}
-
-
-def analysis(runs) -> list:
-    """Which configuration is best, by validation accuracy, and whether each gap is beyond noise."""
-    lines = ["## Analysis", "",
-             "The best configuration of each split is the one with the highest mean validation accuracy over its "
-             "folds; the test fold plays no part in choosing it. Each other configuration of the same split is "
-             "compared with it fold by fold (the folds are the same clips): the mean difference, its 95% "
-             "t interval, and the paired t-test. With k folds there are only k pairs, so an interval that "
-             "contains 0 means the difference is within noise.", ""]
-    for split, best in best_per_split(runs).items():
-        group = [r for r in runs if split_label(r["config"]) == split]
-        hb = headline(best)
-        lines += [f"### {split}: best is `{best['name']}`", "",
-                  f"Validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
-                  + (f"; fold-model test accuracy {best['metrics']['test_mean']:.3f}, k-fold ensemble "
-                     f"{best['metrics']['ensemble_test']['accuracy']:.3f}." if best["metrics"]["test"] else "."), "",
-                  "| compared with | Δ val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
-                  "accuracy per 100k params |", "|---|---|---|---|---|---|---|---|"]
-        for r in group:
-            h = headline(r)
-            dv = paired(hb["val_folds"], h["val_folds"])
-            dt = paired(hb["test_folds"], h["test_folds"]) if hb["test_folds"] else None
-            per = (h["val_mean"] if not r["metrics"]["test"] else r["metrics"]["test_mean"]) \
-                / (r["metrics"]["params"]["trainable"] / 1e5)
-            test_cells = f"{dt[0]:+.3f} | [{dt[1]:+.3f}, {dt[2]:+.3f}] | {dt[3]:.2f}" if dt else "- | - | -"
-            noise = " (within noise)" if dv[1] <= 0 <= dv[2] and r is not best else ""
-            lines.append(f"| `{r['name']}`{' (itself)' if r is best else ''} | {dv[0]:+.3f}{noise} | "
-                         f"[{dv[1]:+.3f}, {dv[2]:+.3f}] | {dv[3]:.2f} | {test_cells} | {per:.3f} |")
-        lines += [""] + verdict(best, group) + [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
-    return lines
-
-
-def verdict(best, group) -> list:
-    """The comparison in one sentence: is the best configuration's lead beyond noise?"""
-    others = [r for r in group if r is not best]
-    if not others:
-        return []
-    beyond = [r["name"] for r in others if paired(headline(best)["val_folds"], headline(r)["val_folds"])[1] > 0]
-    params = {r["name"]: r["metrics"]["params"]["trainable"] for r in group}
-    smallest = min(params, key=params.get)
-    lead = (f"its lead is beyond noise over {', '.join(f'`{n}`' for n in beyond)} and within noise over the rest"
-            if beyond else "but every difference from it is within noise on these folds")
-    return [f"**Verdict.** `{best['name']}` has the highest validation accuracy, {lead}. The smallest model, "
-            f"`{smallest}` ({params[smallest]:,} parameters, {max(params.values()) / params[smallest]:.1f}x fewer "
-            f"than the largest), is the better buy where accuracies are tied."]
-
-
-def class_comparison(group) -> list:
-    """Per-class F1 of the best transformer against the cnn, on the pooled validation predictions."""
-    cnn = [r for r in group if r["config"]["arch"] == "cnn"]
-    tfs = [r for r in group if r["config"]["arch"] == "transformer"]
-    if not cnn or not tfs:
-        return []
-    tf = max(tfs, key=lambda r: headline(r)["val_mean"])
-    on = lambda r: r["metrics"].get("val_final") or r["metrics"]["val"]  # noqa: E731
-    a, b = on(cnn[0])["per_class"], on(tf)["per_class"]
-    lines = [f"Per-class F1 on the pooled validation predictions, `{tf['name']}` against `{cnn[0]['name']}`:", "",
-             "| class | cnn F1 | transformer F1 | transformer − cnn |", "|---|---|---|---|"]
-    for c in sorted(a, key=lambda c: b[c]["f1"] - a[c]["f1"]):
-        lines.append(f"| {c} | {a[c]['f1']:.3f} | {b[c]['f1']:.3f} | {b[c]['f1'] - a[c]['f1']:+.3f} |")
-    return lines
-
-
-def heads_comparison(group) -> list:
-    tfs = sorted((r for r in group if r["config"]["arch"] == "transformer"), key=lambda r: r["config"]["heads"])
-    if len(tfs) < 2:
-        return []
-    cells = ", ".join(f"{r['config']['heads']} head(s) {headline(r)['val_mean']:.3f} ± {headline(r)['val_std']:.3f}"
-                      for r in tfs)
-    return [f"Heads, by validation accuracy over folds: {cells}."]
-
-
-def shown_predictions(run):
-    """(split, its rows of predictions.csv): the test fold's, else the last epoch's validation."""
-    rows = read_csv(run["dir"] / "predictions.csv")
-    split = next(s for s in ("test", "val_final", "val") if any(r["split"] == s for r in rows))
-    return split, [r for r in rows if r["split"] == split]
-
-
-def misclassified(run) -> list:
-    """Every wrong prediction of the test fold (pooled validation where there is none), one row per
-    clip and fold model, and the class pairs confused most often."""
-    split, rows = shown_predictions(run)
-    classes = run["metrics"]["classes"]
-    wrong = [r for r in rows if r["label"] != r["pred"]]
-    n = len(rows)
-    on = {"test": "test fold, every fold model", "val_final": "pooled validation folds, final epoch",
-          "val": "pooled validation folds, best epoch"}[split]
-    lines = [f"### `{run['name']}`: {len(wrong)} of {n} predictions wrong ({on})", "",
-             "| clip | true class | predicted | p(true) | p(predicted) | fold model |", "|---|---|---|---|---|---|"]
-    for r in sorted(wrong, key=lambda r: (r["filename"], int(r["fold"]))):
-        t, p = classes[int(r["label"])], classes[int(r["pred"])]
-        lines.append(f"| {r['filename']} | {t} | {p} | {float(r['p_' + t]):.2f} | {float(r['p_' + p]):.2f} | "
-                     f"{r['fold']} |")
-    pairs = {}
-    for r in wrong:
-        pair = (classes[int(r["label"])], classes[int(r["pred"])])
-        pairs[pair] = pairs.get(pair, 0) + 1
-    top = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return lines + ["", "Most confused (true → predicted): "
-                    + "; ".join(f"{t} → {p} ({c})" for (t, p), c in top) + ".", ""]
-
-
-def fold_model_1(run):
-    """(config, fold model 1) of a finished run, or None without its checkpoints (kept out of git)."""
-    if not (run["dir"] / "fold1" / "model.pt").is_file():
-        return None
-    cfg, _, models = load_fold_models(run["dir"])
-    return cfg, models[0]
-
-
-def chosen_clips(run) -> list:
-    """Fold model 1's predictions on two clips per class: its surest right one and surest wrong one."""
-    rows = [r for r in shown_predictions(run)[1] if r["fold"] == "1"]
-    surest = lambda r: max(float(v) for k, v in r.items() if k.startswith("p_"))  # noqa: E731
-    picked = []
-    for label in sorted({r["label"] for r in rows}, key=int):
-        for right in (True, False):
-            pool = [r for r in rows if r["label"] == label and (r["pred"] == label) == right]
-            picked += sorted(pool, key=lambda r: (-surest(r), r["filename"]))[:1]
-    return picked
-
-
-def png(rgb: np.ndarray) -> bytes:
-    """An (H, W, 3) uint8 image as PNG bytes (zlib-compressed rows, each after filter byte 0)."""
-    h, w, _ = rgb.shape
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
-                               + struct.pack(">I", zlib.crc32(tag + data)))
-    rows = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-
-
-def heat_colors(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-    x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
-    return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
-
-
-def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
-    """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it
-    (curve = (label, values (T,))), and under it one heat-map row per (label, values (T,)) in rows.
-    Curves and rows are each scaled to their own peak."""
-    left, top, w, spec_h, row_h = 70, 30, 600, 160, 18
-    with torch.no_grad():
-        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (bands, frames)
-    mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
-    image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
-    h = top + spec_h + row_h * len(rows) + 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
-           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
-           f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
-           f'href="data:image/png;base64,{image}"/>',
-           f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
-    if curve is not None:
-        v = np.asarray(curve[1], float) / max(float(np.max(curve[1])), 1e-12)
-        xs = left + (np.arange(len(v)) + 0.5) * w / len(v)
-        pts = " ".join(f"{x:.1f},{top + spec_h * (1 - y):.1f}" for x, y in zip(xs, v))
-        out += [f'<polyline points="{pts}" fill="none" stroke="white" stroke-width="3"/>',
-                f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>',
-                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">{xml_escape(curve[0])}</text>']
-    for k, (label, values) in enumerate(rows):
-        v, y = np.asarray(values, float) / max(float(np.max(values)), 1e-12), top + spec_h + 4 + k * row_h
-        cells = heat_colors(v)
-        out.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{xml_escape(label)}</text>')
-        out += [f'<rect x="{left + t * w / len(v):.1f}" y="{y}" width="{w / len(v) + 0.5:.1f}" height="{row_h - 2}" '
-                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(cells)]
-    axis = top + spec_h + row_h * len(rows) + 20
-    out += [f'<text x="{left + t / seconds * w:.1f}" y="{axis}" text-anchor="middle">{t:g} s</text>'
-            for t in nice_ticks(0, seconds) if t <= seconds]
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def explain_section(best, runs, fig_dir: Path) -> list:
-    """Grad-CAM of the best configuration's fold-1 model on two clips per class, and the <cls>
-    attention of every transformer of the same split on two of those clips."""
-    lines = ["## What the models attend to", ""]
-    loaded = fold_model_1(best)
-    if loaded is None:
-        return lines + [f"No figures: {best['dir']}/fold1/model.pt is absent (checkpoints stay out of git).", ""]
-    cfg, model = loaded
-    try:
-        ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).expanduser().is_dir() else ""))
-        waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
+        start_processes(cfg)
+        if WORKER.world > 1 and (cfg.report or cfg.bench):
+            raise UserError("--report and --bench run in one process: leave out torchrun")
+        if cfg.predict:
+            return predict_files(cfg)
+        if cfg.report:
+            write_report(Path(cfg.report))
+        elif cfg.bench:
+            check_config(cfg)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            bench(resolve_precision(cfg))
+        else:
+            run(cfg)
     except UserError as e:
-        return lines + [f"No figures: {e}", ""]
-    index = {r["filename"]: i for i, r in enumerate(ds.table)}
-    classes = best["metrics"]["classes"]
-    clips = chosen_clips(best)
-    lines += [f"Grad-CAM at the front end's last layer of `{best['name']}` (fold model 1) over time, on its "
-              "surest right and surest wrong clip of each class, over the clip's log-mel spectrogram.", ""]
-    for r in clips:
-        wave, pred = waves[index[r["filename"]]], int(r["pred"])
-        name = f"gradcam-{best['name']}-{Path(r['filename']).stem}.svg"
-        title = f"{r['filename']}: true {classes[int(r['label'])]}, predicted {classes[pred]}"
-        cam = (f"Grad-CAM ({classes[pred]})", grad_cam(model, wave, pred).numpy())
-        write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, curve=cam))
-        lines.append(f"![Grad-CAM {r['filename']}](figures/{name})")
-    lines += ["", "The `<cls>` token's attention over time in the last block, one row per head, and rolled "
-              "out over all blocks, for every transformer of the same split on the same two clips:", ""]
-    for run in (r for r in runs if split_label(r["config"]) == split_label(best["config"])
-                and r["config"]["arch"] == "transformer"):
-        loaded = fold_model_1(run)
-        for r in clips[:2] if loaded else []:
-            wave = waves[index[r["filename"]]]
-            per_head, rollout = cls_attention(loaded[1], wave)
-            rows = [(f"head {h + 1}", a.numpy()) for h, a in enumerate(per_head[-1])] + [("rollout", rollout.numpy())]
-            name = f"attention-{run['name']}-{Path(r['filename']).stem}.svg"
-            title = f"{run['name']}: {r['filename']} (true {classes[int(r['label'])]})"
-            write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, rows=rows))
-            lines.append(f"![attention {run['name']} {r['filename']}](figures/{name})")
-    return lines + [""]
-
-
-def tuning_section(root: Path) -> list:
-    """The best settings per architecture, with every trial behind them."""
-    lines = ["## Hyperparameters", ""]
-    tunings = sorted(root.glob("tune-*/best.json"))
-    if not tunings:
-        return lines + ["No tuning has run here: every configuration used the defaults in `config.json`. "
-                        "`python audiotx.py --arch ARCH --tune N --out DIR` tunes on the validation folds "
-                        "and `run.sh` then uses its `best.json`.", ""]
-    for path in tunings:
-        best, trials = json.loads(path.read_text()), read_csv(path.parent / "trials.csv")
-        lines += [f"### {best['arch']}: best validation score {best['score']:.3f} (trial {best['trial']})", "",
-                  "`" + json.dumps(best["hparams"]) + "`", "", "| " + " | ".join(trials[0]) + " |",
-                  "|" + "---|" * len(trials[0])]
-        lines += ["| " + " | ".join(f"{float(v):.4g}" if k == "score" else v for k, v in t.items()) + " |"
-                  for t in trials]
-        lines.append("")
-    return lines
-
-
-def run_figures(run, fig_dir: Path) -> list:
-    """Curves, ROC and confusion SVGs of one configuration; returns the Markdown that shows them."""
-    name, m, classes = run["name"], run["metrics"], run["metrics"]["classes"]
-    hist = {k: np.array([[float(row[k]) for row in h] for h in run["histories"]])  # (k folds, epochs)
-            for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
-    epochs = np.arange(1, hist["val_acc"].shape[1] + 1)
-    band = lambda a: (a.min(0), a.max(0))  # noqa: E731  spread over folds
-    for kind in ("loss", "acc"):
-        svg = svg_lines([(f"{s} {kind}", epochs, hist[f"{s}_{kind}"].mean(0), band(hist[f"{s}_{kind}"]))
-                         for s in ("train", "val")],
-                        title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
-                        ylabel=kind, x_integer=True)
-        write_text(fig_dir / f"{name}-{kind}.svg", svg)
-    shown = m["test"] or m.get("val_final") or m["val"]
-    roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
-            [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
-    grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
-    macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
-    on = "test" if m["test"] else "pooled validation, final epoch" if "val_final" in m else "pooled validation"
-    write_text(fig_dir / f"{name}-roc.svg", svg_lines(
-        roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
-        title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
-    write_text(fig_dir / f"{name}-confusion.svg", svg_confusion(shown["confusion"], classes, f"{name}: {on}"))
-    return [f"### {name}", "", f"![loss](figures/{name}-loss.svg) ![accuracy](figures/{name}-acc.svg)", "",
-            f"![ROC](figures/{name}-roc.svg) ![confusion matrix](figures/{name}-confusion.svg)", ""]
-
-
-def write_report(root: Path) -> Path:
-    """REPORT.md and figures/*.svg in root, from every finished configuration below it."""
-    runs = load_runs(root)
-    if not runs:
-        raise UserError(f"{root}: no finished configuration found (no */metrics.json); run bash run.sh first")
-    fig_dir = root / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    lines = ["# audiotx report", "",
-             f"Written by `python audiotx.py --report {root}` from the files of {len(runs)} finished "
-             f"configuration(s) in this folder. Accuracy is a fraction of clips; ± is the standard deviation "
-             f"over the fold models. Macro F1 and AUC are on the test fold (every fold model's predictions "
-             f"pooled), or on the pooled out-of-fold validation predictions where there is no test fold.", "",
-             "## Every configuration", ""] + config_table(runs) + [""]
-    lines += analysis(runs) + tuning_section(root)
-    lines += ["## Misclassified clips of each split's best configuration", ""]
-    bests = list(best_per_split(runs).values())
-    for best in bests:
-        lines += misclassified(best)
-    # the figures for the course split's best configuration (the one with a test fold), else the first
-    lines += explain_section(max(bests, key=lambda r: r["config"]["test_fold"] > 0), runs, fig_dir)
-    lines += ["## Curves, ROC and confusion matrices", ""]
-    for run in runs:
-        lines += run_figures(run, fig_dir)
-    urls = [u for r in runs if (r["dir"] / "wandb_urls.txt").is_file()
-            for u in (r["dir"] / "wandb_urls.txt").read_text().split()]
-    if urls:
-        lines += ["## Weights & Biases runs", ""] + [f"- {u}" for u in urls] + [""]
-    write_text(root / "REPORT.md", "\n".join(lines))
-    print(f"wrote {root / 'REPORT.md'} and {len(list(fig_dir.glob('*.svg')))} figures")
-    return root / "REPORT.md"
+        if cfg.debug:
+            raise
+        print(f"audiotx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished epochs are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        stop_processes()
+    return 0
 
 
 # ----------------------------------------------------------------------------------------
-# benchmark: where the time goes, against this machine's own matrix-product speed
+# tools: tuning (successive halving over random settings, scored on validation folds only)
+# ----------------------------------------------------------------------------------------
+
+SPACE = {  # what --tune samples; depth only for the transformer
+    "lr": lambda r: float(round(10 ** r.uniform(-3.3, -2.2), 5)),
+    "weight_decay": lambda r: float(round(10 ** r.uniform(-3, -0.7), 4)),
+    "dropout": lambda r: float(r.choice([0.0, 0.1, 0.2, 0.3])),
+    "dim": lambda r: int(r.choice([64, 128, 192])),
+    "depth": lambda r: int(r.choice([2, 3, 4])),
+    "mixup": lambda r: float(r.choice([0.0, 0.2, 0.4, 1.0])),
+    "gain_db": lambda r: float(r.choice([0.0, 6.0])),
+    "label_smoothing": lambda r: float(r.choice([0.0, 0.1])),
+}
+
+
+def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds: int) -> float:
+    """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
+    tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the final runs
+    accs = []
+    for fold in range(1, n_folds + 1):
+        fold_dir = trial_dir / f"fold{fold}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
+                                   len(ds.classes), tracker, lambda *_: None, clips[1])
+        tail = max(1, len(history) // 10)
+        accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
+        if WORKER.main:
+            (fold_dir / "state.pt").unlink(missing_ok=True)
+    return float(np.mean(accs))
+
+
+def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
+    """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
+    (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds), and the search
+    stops when one is left (training it again would only re-score it). A trial's score is its
+    mean over folds of the validation accuracy of its last 10% of epochs. Only ds.splits
+    are used: the test fold is never read. Writes out/trials.csv (every trial at every rung) and
+    out/best.json; a rerun reuses the scores in trials.csv whose settings still match."""
+    rng = np.random.default_rng(cfg.seed)
+    names = [n for n in SPACE if n != "depth" or cfg.arch == "transformer"]
+    # Trial 0 is the recipe as given, so the search returns it unless another setting beats it.
+    trials = [{n: getattr(cfg, n) for n in names}] + [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
+    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")
+            if int(r["trial"]) < len(trials) and all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
+        if (out / "trials.csv").is_file() else {}
+    rows, alive = [], list(range(len(trials)))
+    for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),
+                                              (cfg.epochs, cfg.kfold)]):
+        scores = {}
+        for t in alive:
+            trial_cfg = dataclasses.replace(cfg, **trials[t], epochs=epochs, tune=0)
+            scores[t] = done.get((t, rung))
+            if scores[t] is None:
+                scores[t] = score_trial(trial_cfg, ds, clips, out / f"trial{t}-rung{rung}", n_folds)
+            rows.append({"trial": t, "rung": rung, "epochs": epochs, "folds": n_folds, **trials[t],
+                         "score": scores[t]})
+            write_csv(out / "trials.csv", list(rows[0]), [list(r.values()) for r in rows])
+            print(f"tune {cfg.arch}: rung {rung} trial {t} ({epochs} epochs, {n_folds} folds) "
+                  f"score {scores[t]:.4f} {trials[t]}", flush=True)
+        alive = sorted(alive, key=lambda t: -scores[t])[:max(1, math.ceil(len(alive) / 3))]
+        if len(alive) == 1:
+            break
+    best = {"arch": cfg.arch, "score": scores[alive[0]], "trial": alive[0], "hparams": trials[alive[0]]}
+    write_json(out / "best.json", best)
+    print(f"tune {cfg.arch}: best trial {alive[0]}, score {best['score']:.4f}: {best['hparams']}")
+    return best
+
+
+# ----------------------------------------------------------------------------------------
+# tools: the LR range test
+# ----------------------------------------------------------------------------------------
+
+def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0,
+                  lengths=None):
+    """LR range test (Smith 2017): from a fresh model, one step per batch of train_idx while the
+    learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
+    Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, n_classes).to(WORKER.device)
+    opt = make_optimizer(cfg, model)
+    model.train()
+    rows, avg, lowest = [], 0.0, math.inf
+    batches = []
+    for step in range(steps):
+        if not batches:  # a fresh random order each pass over the training clips
+            perm = torch.from_numpy(train_idx)[torch.randperm(len(train_idx))]
+            batches = list(perm.tensor_split(n_batches(len(train_idx), cfg.batch_size)))
+        chunk = batches.pop()
+        lr = lo * (hi / lo) ** (step / (steps - 1))
+        wave, target, n = augment(waves[chunk].to(WORKER.device), labels[chunk].to(WORKER.device), n_classes, cfg,
+                                  None if lengths is None else lengths[chunk].to(WORKER.device))
+        loss, _ = train_step(model, opt, wave, target, cfg, lr, n)
+        avg = 0.9 * avg + 0.1 * loss
+        smoothed = avg / (1 - 0.9 ** (step + 1))  # bias-corrected exponential average
+        rows.append({"step": step + 1, "lr": lr, "loss": loss, "smoothed": smoothed})
+        lowest = min(lowest, smoothed)
+        if not math.isfinite(loss) or smoothed > 4 * lowest:
+            break
+    return rows
+
+
+def suggest_lr(rows) -> float:
+    """The learning rate at the smoothed loss's minimum: the largest at which the loss still
+    falls, which Smith (2018) takes as one-cycle's peak (the schedule spends little time there).
+    The steepest descent, the other common rule, proved unstable here (NOTES.md)."""
+    return float(min(rows, key=lambda r: r["smoothed"])["lr"])
+
+
+def lr_find_svg(rows, name: str) -> str:
+    """Loss against log10 learning rate, capped at 1.5x the starting loss so the final blow-up
+    does not flatten the part that matters."""
+    cap = 1.5 * rows[0]["smoothed"]
+    return svg_lines([(key, [math.log10(r["lr"]) for r in rows], [min(r[key], cap) for r in rows], None)
+                      for key in ("loss", "smoothed")],
+                     title=f"{name}: LR range test (loss capped at {cap:.2f})", xlabel="log10 learning rate",
+                     ylabel="training loss")
+
+
+def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
+    """The LR range test's suggested peak learning rate, from run_dir/lr_find.csv when an earlier
+    run of this folder wrote it (so a resumed --lr auto run keeps its number), else measured now
+    on validation split 1's training clips (never the test fold)."""
+    path = run_dir / "lr_find.csv"
+    if path.is_file():
+        rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
+    else:
+        waves, lengths = load_clips(ds.root, ds.table, cfg)
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels, ds.splits[0][0],
+                             len(ds.classes), lengths=to_device(lengths))
+        write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
+        write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
+    lr = suggest_lr(rows)
+    print(f"LR range test ({path}, {len(rows)} steps): suggested peak learning rate {lr:.3g} "
+          "(the learning rate at the smoothed loss's minimum)")
+    return lr
+
+
+# ----------------------------------------------------------------------------------------
+# tools: benchmark, against this machine's own matrix-product speed
 # ----------------------------------------------------------------------------------------
 
 def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
@@ -2281,206 +2026,478 @@ def bench(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# main
+# tools: the report, REPORT.md and SVG figures from the files finished runs wrote
 # ----------------------------------------------------------------------------------------
 
-def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> dict:
-    """The chosen model's probabilities on its validation fold and the test fold; a finished
-    fold is read back from fold<i>/result.pt, never retrained."""
-    fold_dir = run_dir / f"fold{fold}"
-    if WORKER.main:
-        fold_dir.mkdir(exist_ok=True)
-    if (fold_dir / "result.pt").is_file():
-        return load_checked(fold_dir / "result.pt")
-    (waves, lengths), split, test_idx, labels, classes = clips, ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
-    model, epoch, history, final_val = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes),
-                                                  tracker, progress, lengths)
-    on = lambda idx: (waves[idx], cfg.precision, None if lengths is None else lengths[idx])  # noqa: E731
-    res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history), "val_final": final_val,
-           "val": predict(model, *on(split[1])), "test": predict(model, *on(test_idx)) if len(test_idx) else None}
-    shown = "test" if len(test_idx) else "val_final"
-    shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
-    tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
-    tracker.finish()
-    save_atomic(model.state_dict(), fold_dir / "model.pt")
-    save_atomic(res, fold_dir / "result.pt")
-    if WORKER.main:
-        (fold_dir / "state.pt").unlink(missing_ok=True)  # the result replaces the resumable state
-    return res
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#000000"]
 
 
-def pooled(results, labels, splits, test_idx, split: str):
-    """Every fold model's predictions on `split` ("val" or "val_final": each its own fold, by the
-    chosen or the last epoch; "test": the test fold), stacked: (labels (N,), probs (N, K) float64)."""
-    if split == "test":
-        return labels[test_idx].repeat(len(results)), torch.cat([r["test"] for r in results]).double()
-    return labels[np.concatenate([v for _, v in splits])], torch.cat([r[split] for r in results]).double()
+def xml_escape(text) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
-    """Pooled out-of-fold validation, the fold models on the test fold, and their ensemble."""
-    folds = []
-    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
-        fm = {"fold": fold, "chosen_epoch": res["chosen_epoch"], "seconds": res["seconds"],
-              "val": summarize(labels[val_idx], res["val"], classes),
-              "val_final": summarize(labels[val_idx], res["val_final"], classes)}
-        if res["test"] is not None:
-            fm["test"] = summarize(labels[test_idx], res["test"], classes)
-        folds.append(fm)
-    metrics = {"val": summarize(*pooled(results, labels, splits, test_idx, "val"), classes),
-               "val_final": summarize(*pooled(results, labels, splits, test_idx, "val_final"), classes),
-               "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
-    if len(test_idx):
-        accs = [fm["test"]["accuracy"] for fm in folds]
-        ensemble = torch.stack([r["test"] for r in results]).double().mean(0)  # (k, N_test, K) -> (N_test, K)
-        metrics.update(test=summarize(*pooled(results, labels, splits, test_idx, "test"), classes),
-                       test_mean=float(np.mean(accs)), test_std=float(np.std(accs)),
-                       ensemble_test=summarize(labels[test_idx], ensemble, classes))
-    return metrics
+def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> list:
+    """Ticks at whole multiples of a round step (1, 2, 2.5 or 5 times a power of ten; at least 1
+    for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
+    if hi == lo:  # one value: a range around it
+        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
+    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20) for m in (1, 2, 2.5, 5))
+    for step in sorted(st for st in steps if st >= 1 or not integer):
+        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        if last - first + 1 <= most:
+            return [round(k * step, 12) for k in range(first, last + 1)]
+    return [lo, hi]
 
 
-def write_results(run_dir, results, labels, splits, test_idx, filenames, classes):
-    """predictions.csv for every validation (chosen and last epoch) and test prediction; roc.csv
-    for the test set (the last epoch's pooled validation predictions when there is none)."""
-    rows = []
-    for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
-        for split in ("val", "val_final"):
-            rows += prediction_rows(fold, split, [filenames[i] for i in val_idx], labels[val_idx], res[split])
-        if res["test"] is not None:
-            rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
-    write_predictions(run_dir, rows, classes)
-    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val_final")
-    write_roc(run_dir, roc_labels.numpy(), roc_probs.numpy(), classes)
-    return roc_labels.numpy(), roc_probs.numpy()
+def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320, x_integer=False):
+    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs);
+    x_integer: x ticks at whole numbers only (epochs)."""
+    left, right, top, bottom = 55, 150, 30, 42
+    xs = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
+    xticks, yticks = nice_ticks(xs.min(), xs.max(), integer=x_integer), nice_ticks(ys.min(), ys.max())
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
+    py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
+           f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">{xml_escape(xlabel)}</text>',
+           f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{xml_escape(ylabel)}</text>',
+           f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
+    out += [f'<text class="x" x="{px(v):.1f}" y="{h - bottom + 14}" text-anchor="middle">{v:g}</text>' for v in xticks]
+    out += [f'<text class="y" x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
+            f'<path d="M{left},{py(v):.1f} H{w - right}" stroke="#ddd"/>' for v in yticks]
+    for i, (label, sx, sy, band) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        if band is not None:
+            pts = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
+            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" '
+                       f'fill="{color}" fill-opacity="0.18" stroke="none"/>')
+        out.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))}" '
+                   f'fill="none" stroke="{color}" stroke-width="1.5"/>')
+        ly = top + 8 + 15 * i
+        out += [f'<path d="M{w - right + 8},{ly} h16" stroke="{color}" stroke-width="2"/>',
+                f'<text x="{w - right + 28}" y="{ly + 4}">{xml_escape(label)}</text>']
+    return "\n".join(out) + "\n</svg>\n"
 
 
-def run(cfg: Config) -> dict:
-    """The experiment: data, splits, k fold trainings, test metrics, files."""
-    check_config(cfg)
-    cfg = resolve_precision(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ds = load_dataset(cfg)
-    run_dir = Path(cfg.out) / run_name(cfg)
-    with run_lock(run_dir) if WORKER.main else contextlib.nullcontext():
-        if cfg.restart and WORKER.main:
-            clear_run_dir(run_dir)
-        if cfg.lr_find or cfg.lr == "auto":  # config.json records the number
-            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if WORKER.main else None))
-            if cfg.lr_find:
-                return {"lr": cfg.lr}
-        config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
-                  "classes": ds.classes, "n_clips": len(ds.table), "versions": versions(),
-                  "code": code_version(), "processes": WORKER.world,
-                  "device_used": str(WORKER.device),
-                  "params": count_params(build_model(cfg, len(ds.classes)))}
-        if WORKER.main:
-            prepare_run_dir(cfg, run_dir, config)
-        barrier()  # the other processes look at the folder once rank 0 has cleared and claimed it
-        if cfg.tune:
-            return tune(cfg, ds, load_clips_once(ds, cfg), run_dir)
-        return run_locked(cfg, run_dir, config, ds)
+def svg_confusion(cm, classes, title):
+    """Confusion matrix heat map with counts; rows true, columns predicted."""
+    cm = np.asarray(cm)
+    label = 7 * max(len(str(c)) for c in classes) + 10  # room for the longest class name at 12 px
+    cell, left, top = 34, label + 20, 40
+    size = len(classes) * cell
+    w, h = left + size + 20, top + size + label + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{xml_escape(title)}</text>',
+           f'<text x="{left + size / 2}" y="{h - 6}" text-anchor="middle">predicted</text>',
+           f'<text x="10" y="{top - 8}">true</text>']
+    rows = np.maximum(cm.sum(1, keepdims=True), 1)
+    for i, name in enumerate(classes):
+        out += [f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">{xml_escape(name)}</text>',
+                f'<text x="{left + i * cell + cell / 2 + 4}" y="{top + size + 6}" text-anchor="end" '
+                f'transform="rotate(-90 {left + i * cell + cell / 2 + 4} {top + size + 6})">{xml_escape(name)}</text>']
+        for j in range(len(classes)):
+            share = cm[i, j] / rows[i, 0]  # colour by the row's share, so classes of any size compare
+            out += [f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                    f'fill="rgb({int(255 - 225 * share)},{int(255 - 155 * share)},255)" stroke="#fff"/>',
+                    f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" text-anchor="middle" '
+                    f'fill="{"white" if share > 0.6 else "black"}">{cm[i, j]}</text>']
+    return "\n".join(out) + "\n</svg>\n"
 
 
-def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
-    """load_clips, with the cache built by one process per machine while the others wait for
-    it; then on the device where it fits."""
-    if WORKER.local_rank == 0:
-        waves, lengths = load_clips(ds.root, ds.table, cfg)
-    barrier()
-    if WORKER.local_rank:
-        waves, lengths = load_clips(ds.root, ds.table, cfg)
-    return to_device(waves), to_device(lengths)
+def load_runs(root: Path) -> list:
+    """Every finished configuration under root: its config, metrics, per-fold histories and ROC points."""
+    runs = []
+    for m in sorted(root.glob("*/metrics.json")):
+        d = m.parent
+        config, metrics = json.loads((d / "config.json").read_text()), json.loads(m.read_text())
+        histories = [read_csv(d / f"fold{i}" / "history.csv") for i in range(1, config["kfold"] + 1)]
+        runs.append({"name": d.name, "dir": d, "config": config, "metrics": metrics, "histories": histories,
+                     "roc": read_csv(d / "roc.csv")})
+    return runs
 
 
-def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
-    """The LR range test's suggested peak learning rate, from run_dir/lr_find.csv when an earlier
-    run of this folder wrote it (so a resumed --lr auto run keeps its number), else measured now
-    on validation split 1's training clips (never the test fold)."""
-    path = run_dir / "lr_find.csv"
-    if path.is_file():
-        rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
-    else:
-        waves, lengths = load_clips(ds.root, ds.table, cfg)
-        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels, ds.splits[0][0],
-                             len(ds.classes), lengths=to_device(lengths))
-        write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
-        write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
-    lr = suggest_lr(rows)
-    print(f"LR range test ({path}, {len(rows)} steps): suggested peak learning rate {lr:.3g} "
-          "(the learning rate at the smoothed loss's minimum)")
-    return lr
+def headline(run) -> dict:
+    """The numbers of one configuration that the tables compare: validation accuracy of each fold's
+    last epoch (its history's last row), which nothing chose, and of its best (optimistic)."""
+    m, folds = run["metrics"], run["metrics"]["folds"]
+    val = [float(h[-1]["val_acc"]) for h in run["histories"]]
+    best = [f["val"]["accuracy"] for f in folds]
+    shown = m["test"] or m.get("val_final") or m["val"]
+    return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
+            "best_mean": float(np.mean(best)),
+            "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
+            "f1": shown["macro_f1"], "auc": shown["macro_auc"],
+            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m else "val, best epoch"}
 
 
-def lr_find_svg(rows, name: str) -> str:
-    """Loss against log10 learning rate, capped at 1.5x the starting loss so the final blow-up
-    does not flatten the part that matters."""
-    cap = 1.5 * rows[0]["smoothed"]
-    return svg_lines([(key, [math.log10(r["lr"]) for r in rows], [min(r[key], cap) for r in rows], None)
-                      for key in ("loss", "smoothed")],
-                     title=f"{name}: LR range test (loss capped at {cap:.2f})", xlabel="log10 learning rate",
-                     ylabel="training loss")
+def split_label(config) -> str:
+    return f"test fold {config['test_fold']}, k={config['kfold']}" if config["test_fold"] else \
+        f"no test fold, k={config['kfold']}"
 
 
-def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
-    if (run_dir / "metrics.json").is_file():
-        print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
-        return json.loads((run_dir / "metrics.json").read_text())
-    clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
-    print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
-          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds"
-          + (f", {WORKER.world} processes on {WORKER.device.type}" if WORKER.world > 1 else f" on {WORKER.device.type}"))
-    tracker = Tracker(cfg, run_dir, config)
-    progress = print_progress_factory(cfg, cfg.kfold)
-    results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
-    labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
-    metrics = gather_metrics(results, labels, splits, test_idx, classes)
-    if not WORKER.main:
-        return metrics
-    # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
-    metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
-    roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
-                                          [r["filename"] for r in ds.table], classes)
-    write_json(run_dir / "metrics.json", metrics)
-    tracker.start("summary")
-    tracker.summary(metrics["test"] or metrics["val_final"], roc_labels, roc_probs, classes,
-                    "test" if metrics["test"] else "val_final")
-    tracker.finish()
-    print_summary(metrics, cfg.select)
-    if tracker.mode == "offline":
-        print(f"W&B offline runs: {run_dir / 'wandb'} (upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
-    return metrics
+def config_table(runs) -> list:
+    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc, final epoch | "
+             "val acc, best epoch (optimistic) | test acc (fold models) | ensemble test acc | macro F1 | "
+             "macro AUC | F1/AUC on | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c, m, h = r["config"], r["metrics"], headline(r)
+        test = f"{m['test_mean']:.3f} ± {m['test_std']:.3f}" if m["test"] else "-"
+        ens = f"{m['ensemble_test']['accuracy']:.3f}" if m["ensemble_test"] else "-"
+        lines.append(f"| {r['name']} | {c['arch']} | {c['heads'] if c['arch'] == 'transformer' else '-'} | "
+                     f"{split_label(c)} | {m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
+                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {h['best_mean']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
+                     f"{h['on']} | {m['seconds'] / 60:.1f} |")
+    return lines
 
 
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
+def paired(a, b):
+    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), float(scipy.stats.ttest_rel(a, b).pvalue)
+
+
+def best_per_split(runs) -> dict:
+    """{split: its configuration with the highest mean validation accuracy}; the test fold plays no part."""
+    splits = sorted({split_label(r["config"]) for r in runs})
+    return {s: max((r for r in runs if split_label(r["config"]) == s), key=lambda r: headline(r)["val_mean"])
+            for s in splits}
+
+
+def verdict(best, group) -> list:
+    """The comparison in one sentence: is the best configuration's lead beyond noise?"""
+    others = [r for r in group if r is not best]
+    if not others:
+        return []
+    beyond = [r["name"] for r in others if paired(headline(best)["val_folds"], headline(r)["val_folds"])[1] > 0]
+    params = {r["name"]: r["metrics"]["params"]["trainable"] for r in group}
+    smallest = min(params, key=params.get)
+    lead = (f"its lead is beyond noise over {', '.join(f'`{n}`' for n in beyond)} and within noise over the rest"
+            if beyond else "but every difference from it is within noise on these folds")
+    return [f"**Verdict.** `{best['name']}` has the highest validation accuracy, {lead}. The smallest model, "
+            f"`{smallest}` ({params[smallest]:,} parameters, {max(params.values()) / params[smallest]:.1f}x fewer "
+            f"than the largest), is the better buy where accuracies are tied."]
+
+
+def class_comparison(group) -> list:
+    """Per-class F1 of the best transformer against the cnn, on the pooled validation predictions."""
+    cnn = [r for r in group if r["config"]["arch"] == "cnn"]
+    tfs = [r for r in group if r["config"]["arch"] == "transformer"]
+    if not cnn or not tfs:
+        return []
+    tf = max(tfs, key=lambda r: headline(r)["val_mean"])
+    on = lambda r: r["metrics"].get("val_final") or r["metrics"]["val"]  # noqa: E731
+    a, b = on(cnn[0])["per_class"], on(tf)["per_class"]
+    lines = [f"Per-class F1 on the pooled validation predictions, `{tf['name']}` against `{cnn[0]['name']}`:", "",
+             "| class | cnn F1 | transformer F1 | transformer − cnn |", "|---|---|---|---|"]
+    for c in sorted(a, key=lambda c: b[c]["f1"] - a[c]["f1"]):
+        lines.append(f"| {c} | {a[c]['f1']:.3f} | {b[c]['f1']:.3f} | {b[c]['f1'] - a[c]['f1']:+.3f} |")
+    return lines
+
+
+def heads_comparison(group) -> list:
+    tfs = sorted((r for r in group if r["config"]["arch"] == "transformer"), key=lambda r: r["config"]["heads"])
+    if len(tfs) < 2:
+        return []
+    cells = ", ".join(f"{r['config']['heads']} head(s) {headline(r)['val_mean']:.3f} ± {headline(r)['val_std']:.3f}"
+                      for r in tfs)
+    return [f"Heads, by validation accuracy over folds: {cells}."]
+
+
+def analysis(runs) -> list:
+    """Which configuration is best, by validation accuracy, and whether each gap is beyond noise."""
+    lines = ["## Analysis", "",
+             "The best configuration of each split is the one with the highest mean validation accuracy over its "
+             "folds; the test fold plays no part in choosing it. Each other configuration of the same split is "
+             "compared with it fold by fold (the folds are the same clips): the mean difference, its 95% "
+             "t interval, and the paired t-test. With k folds there are only k pairs, so an interval that "
+             "contains 0 means the difference is within noise.", ""]
+    for split, best in best_per_split(runs).items():
+        group = [r for r in runs if split_label(r["config"]) == split]
+        hb = headline(best)
+        lines += [f"### {split}: best is `{best['name']}`", "",
+                  f"Validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
+                  + (f"; fold-model test accuracy {best['metrics']['test_mean']:.3f}, k-fold ensemble "
+                     f"{best['metrics']['ensemble_test']['accuracy']:.3f}." if best["metrics"]["test"] else "."), "",
+                  "| compared with | Δ val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
+                  "accuracy per 100k params |", "|---|---|---|---|---|---|---|---|"]
+        for r in group:
+            h = headline(r)
+            dv = paired(hb["val_folds"], h["val_folds"])
+            dt = paired(hb["test_folds"], h["test_folds"]) if hb["test_folds"] else None
+            per = (h["val_mean"] if not r["metrics"]["test"] else r["metrics"]["test_mean"]) \
+                / (r["metrics"]["params"]["trainable"] / 1e5)
+            test_cells = f"{dt[0]:+.3f} | [{dt[1]:+.3f}, {dt[2]:+.3f}] | {dt[3]:.2f}" if dt else "- | - | -"
+            noise = " (within noise)" if dv[1] <= 0 <= dv[2] and r is not best else ""
+            lines.append(f"| `{r['name']}`{' (itself)' if r is best else ''} | {dv[0]:+.3f}{noise} | "
+                         f"[{dv[1]:+.3f}, {dv[2]:+.3f}] | {dv[3]:.2f} | {test_cells} | {per:.3f} |")
+        lines += [""] + verdict(best, group) + [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
+    return lines
+
+
+def shown_predictions(run):
+    """(split, its rows of predictions.csv): the test fold's, else the last epoch's validation."""
+    rows = read_csv(run["dir"] / "predictions.csv")
+    split = next(s for s in ("test", "val_final", "val") if any(r["split"] == s for r in rows))
+    return split, [r for r in rows if r["split"] == split]
+
+
+def misclassified(run) -> list:
+    """Every wrong prediction of the test fold (pooled validation where there is none), one row per
+    clip and fold model, and the class pairs confused most often."""
+    split, rows = shown_predictions(run)
+    classes = run["metrics"]["classes"]
+    wrong = [r for r in rows if r["label"] != r["pred"]]
+    n = len(rows)
+    on = {"test": "test fold, every fold model", "val_final": "pooled validation folds, final epoch",
+          "val": "pooled validation folds, best epoch"}[split]
+    lines = [f"### `{run['name']}`: {len(wrong)} of {n} predictions wrong ({on})", "",
+             "| clip | true class | predicted | p(true) | p(predicted) | fold model |", "|---|---|---|---|---|---|"]
+    for r in sorted(wrong, key=lambda r: (r["filename"], int(r["fold"]))):
+        t, p = classes[int(r["label"])], classes[int(r["pred"])]
+        lines.append(f"| {r['filename']} | {t} | {p} | {float(r['p_' + t]):.2f} | {float(r['p_' + p]):.2f} | "
+                     f"{r['fold']} |")
+    pairs = {}
+    for r in wrong:
+        pair = (classes[int(r["label"])], classes[int(r["pred"])])
+        pairs[pair] = pairs.get(pair, 0) + 1
+    top = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return lines + ["", "Most confused (true → predicted): "
+                    + "; ".join(f"{t} → {p} ({c})" for (t, p), c in top) + ".", ""]
+
+
+def tuning_section(root: Path) -> list:
+    """The best settings per architecture, with every trial behind them."""
+    lines = ["## Hyperparameters", ""]
+    tunings = sorted(root.glob("tune-*/best.json"))
+    if not tunings:
+        return lines + ["No tuning has run here: every configuration used the defaults in `config.json`. "
+                        "`python audiotx.py --arch ARCH --tune N --out DIR` tunes on the validation folds "
+                        "and `run.sh` then uses its `best.json`.", ""]
+    for path in tunings:
+        best, trials = json.loads(path.read_text()), read_csv(path.parent / "trials.csv")
+        lines += [f"### {best['arch']}: best validation score {best['score']:.3f} (trial {best['trial']})", "",
+                  "`" + json.dumps(best["hparams"]) + "`", "", "| " + " | ".join(trials[0]) + " |",
+                  "|" + "---|" * len(trials[0])]
+        lines += ["| " + " | ".join(f"{float(v):.4g}" if k == "score" else v for k, v in t.items()) + " |"
+                  for t in trials]
+        lines.append("")
+    return lines
+
+
+def run_figures(run, fig_dir: Path) -> list:
+    """Curves, ROC and confusion SVGs of one configuration; returns the Markdown that shows them."""
+    name, m, classes = run["name"], run["metrics"], run["metrics"]["classes"]
+    hist = {k: np.array([[float(row[k]) for row in h] for h in run["histories"]])  # (k folds, epochs)
+            for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
+    epochs = np.arange(1, hist["val_acc"].shape[1] + 1)
+    band = lambda a: (a.min(0), a.max(0))  # noqa: E731  spread over folds
+    for kind in ("loss", "acc"):
+        svg = svg_lines([(f"{s} {kind}", epochs, hist[f"{s}_{kind}"].mean(0), band(hist[f"{s}_{kind}"]))
+                         for s in ("train", "val")],
+                        title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
+                        ylabel=kind, x_integer=True)
+        write_text(fig_dir / f"{name}-{kind}.svg", svg)
+    shown = m["test"] or m.get("val_final") or m["val"]
+    roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
+            [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
+    grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
+    macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
+    on = "test" if m["test"] else "pooled validation, final epoch" if "val_final" in m else "pooled validation"
+    write_text(fig_dir / f"{name}-roc.svg", svg_lines(
+        roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
+        title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
+    write_text(fig_dir / f"{name}-confusion.svg", svg_confusion(shown["confusion"], classes, f"{name}: {on}"))
+    return [f"### {name}", "", f"![loss](figures/{name}-loss.svg) ![accuracy](figures/{name}-acc.svg)", "",
+            f"![ROC](figures/{name}-roc.svg) ![confusion matrix](figures/{name}-confusion.svg)", ""]
+
+
+# ----------------------------------------------------------------------------------------
+# tools: Grad-CAM and attention over the clip's spectrogram
+# ----------------------------------------------------------------------------------------
+
+def png(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes (zlib-compressed rows, each after filter byte 0)."""
+    h, w, _ = rgb.shape
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
+                               + struct.pack(">I", zlib.crc32(tag + data)))
+    rows = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def heat_colors(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
+    return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
+
+
+def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
+    """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it
+    (curve = (label, values (T,))), and under it one heat-map row per (label, values (T,)) in rows.
+    Curves and rows are each scaled to their own peak."""
+    left, top, w, spec_h, row_h = 70, 30, 600, 160, 18
+    with torch.no_grad():
+        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (bands, frames)
+    mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
+    image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
+    h = top + spec_h + row_h * len(rows) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
+           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
+           f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
+           f'href="data:image/png;base64,{image}"/>',
+           f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
+    if curve is not None:
+        v = np.asarray(curve[1], float) / max(float(np.max(curve[1])), 1e-12)
+        xs = left + (np.arange(len(v)) + 0.5) * w / len(v)
+        pts = " ".join(f"{x:.1f},{top + spec_h * (1 - y):.1f}" for x, y in zip(xs, v))
+        out += [f'<polyline points="{pts}" fill="none" stroke="white" stroke-width="3"/>',
+                f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>',
+                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">{xml_escape(curve[0])}</text>']
+    for k, (label, values) in enumerate(rows):
+        v, y = np.asarray(values, float) / max(float(np.max(values)), 1e-12), top + spec_h + 4 + k * row_h
+        cells = heat_colors(v)
+        out.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{xml_escape(label)}</text>')
+        out += [f'<rect x="{left + t * w / len(v):.1f}" y="{y}" width="{w / len(v) + 0.5:.1f}" height="{row_h - 2}" '
+                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(cells)]
+    axis = top + spec_h + row_h * len(rows) + 20
+    out += [f'<text x="{left + t / seconds * w:.1f}" y="{axis}" text-anchor="middle">{t:g} s</text>'
+            for t in nice_ticks(0, seconds) if t <= seconds]
+    return "\n".join(out) + "\n</svg>\n"
+
+
+def grad_cam(model, wave, target: int):
+    """Grad-CAM over time at the front end's output: wave (S,) -> (T,) scaled to [0, 1]. Each
+    channel is weighted by its mean gradient of the target logit over time (Selvaraju et al. 2017)."""
+    model.eval()
+    feats = {}
+    handle = model.front.register_forward_hook(lambda module, inputs, out: feats.update(x=out[0]))
     try:
-        start_processes(cfg)
-        if WORKER.world > 1 and (cfg.report or cfg.bench):
-            raise UserError("--report and --bench run in one process: leave out torchrun")
-        if cfg.predict:
-            return predict_files(cfg)
-        if cfg.report:
-            write_report(Path(cfg.report))
-        elif cfg.bench:
-            check_config(cfg)
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            bench(resolve_precision(cfg))
-        else:
-            run(cfg)
-    except UserError as e:
-        if cfg.debug:
-            raise
-        print(f"audiotx: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the finished epochs are saved; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+        logits = model(wave[None])  # (1, K)
     finally:
-        stop_processes()
-    return 0
+        handle.remove()
+    x = feats["x"]  # (1, T, C)
+    grad, = torch.autograd.grad(logits[0, target], x)  # (1, T, C)
+    cam = F.relu((grad.mean(1, keepdim=True) * x).sum(2))[0]  # (T,)
+    return (cam / cam.max().clamp_min(1e-12)).detach()
+
+
+@torch.no_grad()
+def cls_attention(model, wave):
+    """The <cls> token's attention over the T frames: per block and head (depth, nh, T), and rolled
+    out over the blocks (T,), with the residual counted as half of each block (Abnar & Zuidema 2020)."""
+    model.eval()
+    model(wave[None])
+    atts = [block.attn.att[0] for block in model.blocks]  # depth x (nh, 1 + T, 1 + T)
+    n = atts[0].shape[-1]
+    eye = torch.eye(n, device=atts[0].device)
+    rollout = eye
+    for att in atts:
+        rollout = (0.5 * att.mean(0) + 0.5 * eye) @ rollout  # (1 + T, 1 + T)
+    return torch.stack([att[:, 0, 1:] for att in atts]), rollout[0, 1:]
+
+
+def fold_model_1(run):
+    """(config, fold model 1) of a finished run, or None without its checkpoints (kept out of git)."""
+    if not (run["dir"] / "fold1" / "model.pt").is_file():
+        return None
+    cfg, _, models = load_fold_models(run["dir"])
+    return cfg, models[0]
+
+
+def chosen_clips(run) -> list:
+    """Fold model 1's predictions on two clips per class: its surest right one and surest wrong one."""
+    rows = [r for r in shown_predictions(run)[1] if r["fold"] == "1"]
+    surest = lambda r: max(float(v) for k, v in r.items() if k.startswith("p_"))  # noqa: E731
+    picked = []
+    for label in sorted({r["label"] for r in rows}, key=int):
+        for right in (True, False):
+            pool = [r for r in rows if r["label"] == label and (r["pred"] == label) == right]
+            picked += sorted(pool, key=lambda r: (-surest(r), r["filename"]))[:1]
+    return picked
+
+
+def explain_section(best, runs, fig_dir: Path) -> list:
+    """Grad-CAM of the best configuration's fold-1 model on two clips per class, and the <cls>
+    attention of every transformer of the same split on two of those clips."""
+    lines = ["## What the models attend to", ""]
+    loaded = fold_model_1(best)
+    if loaded is None:
+        return lines + [f"No figures: {best['dir']}/fold1/model.pt is absent (checkpoints stay out of git).", ""]
+    cfg, model = loaded
+    try:
+        ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).expanduser().is_dir() else ""))
+        waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
+    except UserError as e:
+        return lines + [f"No figures: {e}", ""]
+    index = {r["filename"]: i for i, r in enumerate(ds.table)}
+    classes = best["metrics"]["classes"]
+    clips = chosen_clips(best)
+    lines += [f"Grad-CAM at the front end's last layer of `{best['name']}` (fold model 1) over time, on its "
+              "surest right and surest wrong clip of each class, over the clip's log-mel spectrogram.", ""]
+    for r in clips:
+        wave, pred = waves[index[r["filename"]]], int(r["pred"])
+        name = f"gradcam-{best['name']}-{Path(r['filename']).stem}.svg"
+        title = f"{r['filename']}: true {classes[int(r['label'])]}, predicted {classes[pred]}"
+        cam = (f"Grad-CAM ({classes[pred]})", grad_cam(model, wave, pred).numpy())
+        write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, curve=cam))
+        lines.append(f"![Grad-CAM {r['filename']}](figures/{name})")
+    lines += ["", "The `<cls>` token's attention over time in the last block, one row per head, and rolled "
+              "out over all blocks, for every transformer of the same split on the same two clips:", ""]
+    for run in (r for r in runs if split_label(r["config"]) == split_label(best["config"])
+                and r["config"]["arch"] == "transformer"):
+        loaded = fold_model_1(run)
+        for r in clips[:2] if loaded else []:
+            wave = waves[index[r["filename"]]]
+            per_head, rollout = cls_attention(loaded[1], wave)
+            rows = [(f"head {h + 1}", a.numpy()) for h, a in enumerate(per_head[-1])] + [("rollout", rollout.numpy())]
+            name = f"attention-{run['name']}-{Path(r['filename']).stem}.svg"
+            title = f"{run['name']}: {r['filename']} (true {classes[int(r['label'])]})"
+            write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, rows=rows))
+            lines.append(f"![attention {run['name']} {r['filename']}](figures/{name})")
+    return lines + [""]
+
+
+def write_report(root: Path) -> Path:
+    """REPORT.md and figures/*.svg in root, from every finished configuration below it."""
+    runs = load_runs(root)
+    if not runs:
+        raise UserError(f"{root}: no finished configuration found (no */metrics.json); run bash run.sh first")
+    fig_dir = root / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    lines = ["# audiotx report", "",
+             f"Written by `python audiotx.py --report {root}` from the files of {len(runs)} finished "
+             f"configuration(s) in this folder. Accuracy is a fraction of clips; ± is the standard deviation "
+             f"over the fold models. Macro F1 and AUC are on the test fold (every fold model's predictions "
+             f"pooled), or on the pooled out-of-fold validation predictions where there is no test fold.", "",
+             "## Every configuration", ""] + config_table(runs) + [""]
+    lines += analysis(runs) + tuning_section(root)
+    lines += ["## Misclassified clips of each split's best configuration", ""]
+    bests = list(best_per_split(runs).values())
+    for best in bests:
+        lines += misclassified(best)
+    # the figures for the course split's best configuration (the one with a test fold), else the first
+    lines += explain_section(max(bests, key=lambda r: r["config"]["test_fold"] > 0), runs, fig_dir)
+    lines += ["## Curves, ROC and confusion matrices", ""]
+    for run in runs:
+        lines += run_figures(run, fig_dir)
+    urls = [u for r in runs if (r["dir"] / "wandb_urls.txt").is_file()
+            for u in (r["dir"] / "wandb_urls.txt").read_text().split()]
+    if urls:
+        lines += ["## Weights & Biases runs", ""] + [f"- {u}" for u in urls] + [""]
+    write_text(root / "REPORT.md", "\n".join(lines))
+    print(f"wrote {root / 'REPORT.md'} and {len(list(fig_dir.glob('*.svg')))} figures")
+    return root / "REPORT.md"
 
 
 if __name__ == "__main__":
