@@ -397,10 +397,12 @@ def shown_path(path: Path) -> str:
 
 def code_version() -> dict:
     """The checkout's git commit and whether its tracked files had changes; {} outside git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=10, check=True).stdout.strip()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "-uno"))}
     except (OSError, subprocess.SubprocessError):
         return {}
 
@@ -463,7 +465,8 @@ def read_meta(path: Path) -> list:
     except UnicodeDecodeError:  # a spreadsheet's own 8-bit encoding; the columns we read are ASCII
         text = raw.decode("cp1252", errors="replace")
     first = text.split("\n", 1)[0]
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=";" if first.count(";") > first.count(",") else ",")
+    separator = ";" if first.count(";") > first.count(",") else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
     header = [h.strip() for h in next(reader, [])]
     return [(reader.line_num, dict(zip(header, [c.strip() for c in cells] + [""] * len(header))))
             for cells in reader if any(c.strip() for c in cells)]
@@ -475,8 +478,8 @@ def check_columns(meta: Path, numbered: list, needed: set):
         raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
 
 
-def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str, src: str,
-              columns=("filename", "category")) -> dict:
+def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str,
+              src: str, columns=("filename", "category")) -> dict:
     """One clip of the table; columns name the file's and the class's columns for the errors."""
     if not (data_dir / "audio" / filename).is_file():
         raise UserError(f"{meta} row {line}, column {columns[0]}: audio/{filename} does not exist")
@@ -565,7 +568,8 @@ def copy_with_progress(source, sink, done: int, total: int):
             left = f", {(total - done) / max(rate, 1) / 60:.1f} min left" if total else ""
             shown = f" of {total / 1e6:.0f} MB ({done / total:.0%})" if total else " MB"
             end = "\r" if sys.stdout.isatty() else "\n"
-            print(f"fetched {done / 1e6:.0f}{shown} at {rate / 1e6:.1f} MB/s{left}   ", end=end, flush=True)
+            print(f"fetched {done / 1e6:.0f}{shown} at {rate / 1e6:.1f} MB/s{left}   ", end=end,
+                  flush=True)
     if sys.stdout.isatty():
         print()
 
@@ -594,7 +598,8 @@ def download(url: str, path: Path, tries: int = 4):
             raise UserError(f"could not fetch {url}: HTTP {e.code} {e.reason}; {BY_HAND}") from None
         except (OSError, http.client.HTTPException) as e:  # no network, DNS, a dropped connection
             why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        print(f"\nfetch {attempt}/{tries} failed ({why})" + ("; trying again" if attempt < tries else ""))
+        again = "; trying again" if attempt < tries else ""
+        print(f"\nfetch {attempt}/{tries} failed ({why}){again}")
         time.sleep(attempt if attempt < tries else 0)
     raise UserError(f"could not fetch {url} ({why}); run again to resume, or {BY_HAND}")
 
@@ -1553,7 +1558,8 @@ def load_fold_models(run_dir: Path) -> tuple:
         raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in saved.items() if k in fields})
         classes = saved["classes"]
         models = [build_model(cfg, len(classes)) for _ in paths]
         for model, path in zip(models, paths):
@@ -1568,7 +1574,8 @@ def wav_files(paths: list) -> list:
     """Each PATH, or a folder's *.wav files, recursively, in name order."""
     files = []
     for p in map(Path, paths):
-        files += sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
+        wavs = sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
+        files += wavs
     return files
 
 
@@ -1591,11 +1598,14 @@ def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bo
     if not as_json:
         top = mean.argsort(descending=True)[:3].tolist()
         name = max(map(len, classes))
-        return f"{str(path):<{width}}" + "".join(f"  {classes[c]:<{name}} {float(mean[c]):.3f}" for c in top)
+        return f"{str(path):<{width}}" + "".join(f"  {classes[c]:<{name}} {float(mean[c]):.3f}"
+                                                  for c in top)
     out = {"file": str(path), "pred": classes[int(mean.argmax())], "probs": named(mean)}
     if len(starts) > 1:
-        out["windows"] = [{"start": round(s / rate, 4), "end": round(min(s / rate + window_s, seconds), 4),
-                           "pred": classes[int(p.argmax())], "probs": named(p)} for s, p in zip(starts, probs)]
+        out["windows"] = [{"start": round(s / rate, 4),
+                           "end": round(min(s / rate + window_s, seconds), 4),
+                           "pred": classes[int(p.argmax())], "probs": named(p)}
+                          for s, p in zip(starts, probs)]
     return json.dumps(out)
 
 
@@ -1603,7 +1613,8 @@ def predict_files(cfg: Config) -> int:
     """--predict: the fold models' averaged probabilities for each file (each window's, averaged
     over its windows); one line per file, or JSON lines. A file that cannot be read is named on
     stderr and skipped; the exit status is then 2."""
-    run_cfg, classes, models = load_fold_models(Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL)
+    run_dir = Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL
+    run_cfg, classes, models = load_fold_models(run_dir)
     precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
     n, rate = round(run_cfg.sample_rate * run_cfg.clip_seconds), run_cfg.sample_rate
     decoded, failed = [], 0
@@ -1611,16 +1622,19 @@ def predict_files(cfg: Config) -> int:
         try:
             wave, file_rate = load_wav(path)
         except (UserError, OSError) as e:  # OSError: absent, a folder, no permission
-            print(f"audiotx: error: {e if isinstance(e, UserError) else f'{path}: {e.strerror}'}", file=sys.stderr)
+            why = e if isinstance(e, UserError) else f"{path}: {e.strerror}"
+            print(f"audiotx: error: {why}", file=sys.stderr)
             failed += 1
             continue
         wave = torch.from_numpy(to_rate(wave, file_rate, rate))
         decoded.append((path, len(wave) / rate, *windows(wave, n)))
     if decoded:  # every window of every file in one pass of batches, through each fold model
-        probs = sum(predict(m, torch.cat([d[2] for d in decoded]), precision) for m in models) / len(models)
+        wins = torch.cat([d[2] for d in decoded])  # (W, S): every file's windows
+        probs = sum(predict(m, wins, precision) for m in models) / len(models)  # (W, K)
         width = max(len(str(d[0])) for d in decoded)
         for (path, seconds, _, starts), p in zip(decoded, probs.split([len(d[3]) for d in decoded])):
-            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate, width))
+            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate,
+                                  width))
     return 2 if failed else 0
 
 
@@ -2042,7 +2056,8 @@ def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> li
     for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
     if hi == lo:  # one value: a range around it
         lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
-    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20) for m in (1, 2, 2.5, 5))
+    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20)
+             for m in (1, 2, 2.5, 5))
     for step in sorted(st for st in steps if st >= 1 or not integer):
         first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
         if last - first + 1 <= most:
@@ -2132,7 +2147,8 @@ def headline(run) -> dict:
             "best_mean": float(np.mean(best)),
             "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
             "f1": shown["macro_f1"], "auc": shown["macro_auc"],
-            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m else "val, best epoch"}
+            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m
+            else "val, best epoch"}
 
 
 def split_label(config) -> str:
@@ -2335,7 +2351,8 @@ def png(rgb: np.ndarray) -> bytes:
 
 def heat_colors(v: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                     float)
     x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
     lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
     return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
@@ -2347,12 +2364,13 @@ def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve
     Curves and rows are each scaled to their own peak."""
     left, top, w, spec_h, row_h = 70, 30, 600, 160, 18
     with torch.no_grad():
-        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (bands, frames)
+        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (F, frames)
     mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
     image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
     h = top + spec_h + row_h * len(rows) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
-           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           'font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
            f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
            f'href="data:image/png;base64,{image}"/>',
@@ -2363,13 +2381,14 @@ def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve
         pts = " ".join(f"{x:.1f},{top + spec_h * (1 - y):.1f}" for x, y in zip(xs, v))
         out += [f'<polyline points="{pts}" fill="none" stroke="white" stroke-width="3"/>',
                 f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>',
-                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">{xml_escape(curve[0])}</text>']
+                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">'
+                f'{xml_escape(curve[0])}</text>']
     for k, (label, values) in enumerate(rows):
-        v, y = np.asarray(values, float) / max(float(np.max(values)), 1e-12), top + spec_h + 4 + k * row_h
-        cells = heat_colors(v)
+        v = np.asarray(values, float) / max(float(np.max(values)), 1e-12)
+        y, cell = top + spec_h + 4 + k * row_h, w / len(v)
         out.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{xml_escape(label)}</text>')
-        out += [f'<rect x="{left + t * w / len(v):.1f}" y="{y}" width="{w / len(v) + 0.5:.1f}" height="{row_h - 2}" '
-                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(cells)]
+        out += [f'<rect x="{left + t * cell:.1f}" y="{y}" width="{cell + 0.5:.1f}" height="{row_h - 2}" '
+                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(heat_colors(v))]
     axis = top + spec_h + row_h * len(rows) + 20
     out += [f'<text x="{left + t / seconds * w:.1f}" y="{axis}" text-anchor="middle">{t:g} s</text>'
             for t in nice_ticks(0, seconds) if t <= seconds]
@@ -2408,7 +2427,7 @@ def cls_attention(model, wave):
 
 
 def fold_model_1(run):
-    """(config, fold model 1) of a finished run, or None without its checkpoints (kept out of git)."""
+    """(config, fold model 1) of a finished run; None without its checkpoints (not in git)."""
     if not (run["dir"] / "fold1" / "model.pt").is_file():
         return None
     cfg, _, models = load_fold_models(run["dir"])
