@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-SHIPPED_MODEL = HERE / "models" / "esc10-transformer-h4-test1-k4"  # what --predict uses without --run
+SHIPPED_MODEL = HERE / "models" / "esc10-cnn-test1-k4"  # what --predict uses without --run
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
 ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"  # $AUDIOTX_ESC50_URL wins
 ESC50_MB = 600  # the archive's size, for the line that says what a first run fetches
