@@ -422,6 +422,8 @@ def read_wav(path):
         warnings.simplefilter("always")
         try:
             rate, data = scipy.io.wavfile.read(path)
+        except OSError as e:  # absent, a folder, no permission
+            raise UserError(f"{path}: cannot be read ({e.strerror})") from e
         except Exception as e:  # scipy raises ValueError, EOFError or struct errors for broken files
             raise UserError(f"{path}: not a readable PCM/float WAV file ({str(e).splitlines()[0]})") from e
     if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with only a warning
