@@ -13,7 +13,9 @@ Two architectures share one 1D-convolution front end over the waveform:
 
 Everything a run measures is written under runs/<name>/ (config.json, metrics.json,
 predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases (offline unless
-you are logged in). HEADLINE
+you are logged in). Headline, 2 CPU cores, 100 epochs: `python audiotx.py --arch cnn --kfold 4`
+classifies the held-out official fold 1 of ESC-10 at 0.838 as an ensemble of its 4 fold models
+(results/cnn-test1-k4/, from `OUT=results bash run.sh`).
 """
 
 import argparse
@@ -2199,7 +2201,7 @@ def verdict(best, group) -> list:
     smallest = min(params, key=params.get)
     lead = (f"its lead is beyond noise over {', '.join(f'`{n}`' for n in beyond)} and within noise over the rest"
             if beyond else "but every difference from it is within noise on these folds")
-    return [f"**Verdict.** `{best['name']}` has the highest validation accuracy, {lead}. The smallest model, "
+    return [f"**Verdict.** `{best['name']}` has the highest final-epoch validation accuracy, {lead}. The smallest model, "
             f"`{smallest}` ({params[smallest]:,} parameters, {max(params.values()) / params[smallest]:.1f}x fewer "
             f"than the largest), is the better buy where accuracies are tied."]
 
@@ -2232,7 +2234,7 @@ def heads_comparison(group) -> list:
 def analysis(runs) -> list:
     """Which configuration is best, by validation accuracy, and whether each gap is beyond noise."""
     lines = ["## Analysis", "",
-             "The best configuration of each split is the one with the highest mean validation accuracy over its "
+             "The best configuration of each split is the one with the highest mean final-epoch validation accuracy over its "
              "folds; the test fold plays no part in choosing it. Each other configuration of the same split is "
              "compared with it fold by fold (the folds are the same clips): the mean difference, its 95% "
              "t interval, and the paired t-test. With k folds there are only k pairs, so an interval that "
@@ -2241,10 +2243,10 @@ def analysis(runs) -> list:
         group = [r for r in runs if split_label(r["config"]) == split]
         hb = headline(best)
         lines += [f"### {split}: best is `{best['name']}`", "",
-                  f"Validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
+                  f"Final-epoch validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
                   + (f"; fold-model test accuracy {best['metrics']['test_mean']:.3f}, k-fold ensemble "
                      f"{best['metrics']['ensemble_test']['accuracy']:.3f}." if best["metrics"]["test"] else "."), "",
-                  "| compared with | Δ val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
+                  "| compared with | Δ final-epoch val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
                   "accuracy per 100k params |", "|---|---|---|---|---|---|---|---|"]
         for r in group:
             h = headline(r)
