@@ -1625,9 +1625,8 @@ def predict_files(cfg: Config) -> int:
     for path in wav_files(cfg.predict):
         try:
             wave, file_rate = load_wav(path)
-        except (UserError, OSError) as e:  # OSError: absent, a folder, no permission
-            why = e if isinstance(e, UserError) else f"{path}: {e.strerror}"
-            print(f"audiotx: error: {why}", file=sys.stderr)
+        except UserError as e:  # read_wav names the file and what is wrong with it
+            print(f"audiotx: error: {e}", file=sys.stderr)
             failed += 1
             continue
         wave = torch.from_numpy(to_rate(wave, file_rate, rate))
