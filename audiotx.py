@@ -435,10 +435,12 @@ def read_wav(path):
 
 def to_mono_float(path, data):
     """Integer or float samples (S,) or (S, channels) -> float32 (S,) in [-1, 1]."""
-    scale = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0 ** 31}
+    scale = {np.dtype(np.int16): 2.0 ** 15, np.dtype(np.int32): 2.0 ** 31,
+             np.dtype(np.int64): 2.0 ** 63}
+    data = data.astype(data.dtype.newbyteorder("="))  # RIFX files hold big-endian samples
     if data.dtype == np.uint8:
         wave = (data.astype(np.float64) - 128.0) / 128.0
-    elif data.dtype in scale:  # 24-bit files arrive as left-justified int32, so 2**31 fits them too
+    elif data.dtype in scale:  # 24- and 36- to 64-bit samples arrive left-justified, so these fit
         wave = data.astype(np.float64) / scale[data.dtype]
     elif data.dtype in (np.float32, np.float64):
         wave = data.astype(np.float64)

@@ -380,6 +380,15 @@ def test_load_wav_round_trips(tmp_path, dtype, scale, offset, channels):
     np.testing.assert_allclose(got, expect, atol=2.5 / scale + 1e-6)
 
 
+def test_big_endian_and_64_bit_samples_read_as_their_values():
+    """RIFX files give big-endian samples, and 36- to 64-bit files left-justified int64 ones."""
+    values = np.array([0.5, -0.25, 0.0])
+    expect = values.astype(np.float32)
+    for dtype, full in ((">i2", 2 ** 15), (">i4", 2 ** 31), (">f4", 1), ("<i8", 2 ** 63), (">i8", 2 ** 63)):
+        samples = (values * full).astype(dtype) if full > 1 else values.astype(dtype)
+        assert np.array_equal(audiotx.to_mono_float("x.wav", samples), expect), dtype
+
+
 def test_fit_clip_resamples_pads_and_crops():
     tone = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
     out = audiotx.fit_clip(tone, 44100, 16000, 32000)
