@@ -1292,12 +1292,13 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
     val_w, val_y = waves[val_idx], labels[val_idx]
     val_n = None if lengths is None else lengths[val_idx]
+    final_val = None  # the last epoch's validation probabilities (N_val, K)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.time()
         lr = lr_at(cfg, (epoch - 1) * steps, steps * cfg.epochs)
         tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes,
                                       (epoch - 1) * steps, steps * cfg.epochs, order, lengths)
-        va_loss, va_acc, _ = evaluate(model, val_w, val_y, cfg.precision, val_n)
+        va_loss, va_acc, final_val = evaluate(model, val_w, val_y, cfg.precision, val_n)
         row = {"epoch": epoch, "lr": lr, "train_loss": tr_loss, "train_acc": tr_acc,
                "val_loss": va_loss, "val_acc": va_acc, "seconds": time.time() - t0}
         state["history"].append(row)
@@ -1312,7 +1313,8 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)
         progress(fold, row)
-    final_val = predict(model, val_w, cfg.precision, val_n)  # the last epoch's: chosen by nothing
+    if final_val is None:  # resumed after its last epoch: the saved weights are that epoch's
+        final_val = predict(model, val_w, cfg.precision, val_n)
     if cfg.select == "best":
         model.load_state_dict(state["best"]["model"])
     return model, state["best"]["epoch"] if cfg.select == "best" else cfg.epochs, state["history"], final_val
