@@ -1558,10 +1558,11 @@ class Tracker:
 # prediction on a user's own recordings
 # ----------------------------------------------------------------------------------------
 
-def load_fold_models(run_dir: Path) -> tuple:
+def load_fold_models(run_dir: Path, folds: str = "*") -> tuple:
     """(config, classes, the fold models) of a finished run: config.json, metrics.json and
-    fold<i>/model.pt, loaded with weights_only (a model file from elsewhere cannot run code)."""
-    paths = sorted(run_dir.glob("fold*/model.pt"))
+    fold<folds>/model.pt (every fold by default), loaded with weights_only (a model file from
+    elsewhere cannot run code)."""
+    paths = sorted(run_dir.glob(f"fold{folds}/model.pt"))
     if not paths or not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
     try:
@@ -2437,7 +2438,7 @@ def fold_model_1(run):
     """(config, fold model 1) of a finished run; None without its checkpoints (not in git)."""
     if not (run["dir"] / "fold1" / "model.pt").is_file():
         return None
-    cfg, _, models = load_fold_models(run["dir"])
+    cfg, _, models = load_fold_models(run["dir"], folds="1")
     return cfg, models[0]
 
 
