@@ -10,6 +10,7 @@ Two architectures share one 1D-convolution front end over the waveform:
     bash run.sh                                                 # every configuration
     pytest test_audiotx.py                                      # the tests
     python audiotx.py --predict my_recording.wav                # classify with the shipped model
+    python audiotx.py --report runs                             # REPORT.md, figures (report.py)
 
 Everything a run measures is written under runs/<name>/ (config.json, metrics.json,
 predictions.csv, roc.csv, fold<i>/history.csv) and logged to Weights & Biases (offline unless
@@ -19,13 +20,13 @@ classifies the held-out official fold 1 of ESC-10 at 0.838 as an ensemble of its
 """
 
 import argparse
-import base64
 import contextlib
 import csv
 import dataclasses
 import fcntl
 import hashlib
 import http.client
+import importlib
 import inspect
 import io
 import json
@@ -34,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +45,7 @@ import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 # torch's OpenMP (libgomp) lets an idle thread spin 300,000 times before it sleeps. Alone that
@@ -66,12 +67,13 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 SHIPPED_MODEL = HERE / "models" / "esc10-cnn-test1-k4"  # what --predict uses without --run
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
-ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"  # $AUDIOTX_ESC50_URL wins
+# where a first run fetches the data from, unless $AUDIOTX_ESC50_URL says otherwise
+ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip"
 ESC50_MB = 600  # the archive's size, for the line that says what a first run fetches
 ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
 CACHE_VERSION = 2  # bump when the cached waveform format changes (2: clip lengths beside the waves)
-ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire", 20: "crying_baby",
-         21: "sneezing", 38: "clock_tick", 40: "helicopter", 41: "chainsaw"}  # ESC-50 target -> name
+ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire",  # target: name
+         20: "crying_baby", 21: "sneezing", 38: "clock_tick", 40: "helicopter", 41: "chainsaw"}
 
 
 class UserError(Exception):
@@ -86,61 +88,63 @@ class UserError(Exception):
 @dataclass
 class Config:
     # model
-    arch: str = "transformer"        # cnn | transformer
-    heads: int = 2                   # attention heads: 1 | 2 | 4 (must divide dim)
-    depth: int = 2                   # attention blocks (>= 2)
-    dim: int = 128                   # channels out of the front end = transformer width
-    dropout: float = 0.1             # in attention, MLPs and heads
+    arch: str = "transformer"    # cnn | transformer
+    heads: int = 2               # attention heads: 1 | 2 | 4 (must divide dim)
+    depth: int = 2               # attention blocks (>= 2)
+    dim: int = 128               # channels out of the front end = transformer width
+    dropout: float = 0.1         # in attention, MLPs and heads
     # data
-    data: str = ""                   # ESC-50-layout folder; else $AUDIOTX_DATA, else ../shared/data/ESC-10
-    dataset: str = "auto"            # auto | esc | urbansound8k: the folder's layout; auto = by its table's name
-    subset: str = "esc10"            # esc10 | esc50 (which rows of meta/esc50.csv)
-    sample_rate: int = 16000         # Hz after resampling
-    features: str = "logwave"        # wave | logwave (the stem's output log-compressed) | logmel (64 mel bands)
-    clip_seconds: float = 5.0        # clips are padded or cropped to this length
+    data: str = ""               # dataset folder or zip; else $AUDIOTX_DATA, else found or fetched
+    dataset: str = "auto"        # auto | esc | urbansound8k: the folder's layout (auto: its table)
+    subset: str = "esc10"        # esc10 | esc50 (which rows of meta/esc50.csv)
+    sample_rate: int = 16000     # Hz after resampling
+    features: str = "logwave"    # wave | logwave (the stem's output log-compressed)
+    clip_seconds: float = 5.0    # clips are padded or cropped to this length
     # splits
-    test_fold: int = 1               # official fold held out as the test set; 0 = none
-    kfold: int = 4                   # validation folds over the remaining clips
+    test_fold: int = 1           # official fold held out as the test set; 0 = none
+    kfold: int = 4               # validation folds over the remaining clips
     # training
-    epochs: int = 100                # passes over the training folds
-    batch_size: int = 32             # clips per step
-    lr: float = 2e-3                 # peak learning rate; auto = the LR range test's suggestion (--lr-find)
-    weight_decay: float = 0.05       # AdamW, on weight matrices only
-    label_smoothing: float = 0.1     # share of each target spread over all classes
-    mixup: float = 0.4               # Beta(a, a) mixing of clip pairs; 0 = off
-    shift: bool = True               # random circular time shift of each training clip
-    gain_db: float = 6.0             # random gain in [-gain_db, +gain_db] dB
-    stretch: float = 0.0             # each batch played at a random speed in [1 - s, 1 + s] (time and pitch); 0 = off
-    select: str = "best"             # best | final: each fold's tested and saved model, its best validation epoch or its last
-    seed: int = 0                    # fold i is seeded with seed + i
-    threads: int = 0                 # torch CPU threads; 0 = torch's default
-    device: str = "auto"             # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
-    precision: str = "auto"          # auto | fp32 | bf16 (--amp): bfloat16 autocast; auto = bf16 where the device has it
+    epochs: int = 100            # passes over the training folds
+    batch_size: int = 32         # clips per step
+    lr: float = 2e-3             # peak learning rate; auto = the LR range test's suggestion
+    weight_decay: float = 0.05   # AdamW, on weight matrices only
+    label_smoothing: float = 0.1  # share of each target spread over all classes
+    mixup: float = 0.4           # Beta(a, a) mixing of clip pairs; 0 = off
+    shift: bool = True           # random circular time shift of each training clip
+    gain_db: float = 6.0         # random gain in [-gain_db, +gain_db] dB
+    stretch: float = 0.0         # each batch played at a random speed in [1 - s, 1 + s]; 0 = off
+    select: str = "best"         # best | final: each fold keeps its best validation epoch or last
+    seed: int = 0                # fold i is seeded with seed + i
+    threads: int = 0             # torch CPU threads; 0 = torch's default
+    device: str = "auto"         # auto | cpu | cuda | mps; auto = cuda, else mps, else cpu
+    precision: str = "auto"      # auto | fp32 | bf16 (--amp); auto = bf16 where the device has it
     # output
-    out: str = "runs"                # results go to out/name/
-    name: str = ""                   # default: derived from the configuration
-    restart: bool = False            # discard saved state and results under out/name/
-    wandb: str = "auto"              # auto | online | offline | disabled ($WANDB_MODE wins)
-    project: str = "audiotx"         # W&B project
-    entity: str = ""                 # W&B entity (team or user)
-    debug: bool = False              # show tracebacks instead of one-line errors
-    report: str = ""                 # write DIR/REPORT.md from the finished runs in DIR, train nothing
-    tune: int = 0                    # tune --arch with N random settings (successive halving); 0 = train
-    hparams: str = ""                # JSON file of settings (e.g. a tuning's best.json); flags still win
-    bench: bool = False              # time every architecture on random clips, write out/bench.json, train nothing
-    lr_find: bool = False            # LR range test on split 1's training clips: lr_find.csv/.svg, the suggested --lr
-    predict: list = dataclasses.field(default_factory=list)  # WAV files or folders to classify, train nothing
-    run: str = ""                    # --predict with this run's fold models; default: the model in models/
-    json: bool = False               # --predict: one JSON object per file on stdout
+    out: str = "runs"            # results go to out/name/
+    name: str = ""               # default: derived from the configuration
+    restart: bool = False        # discard saved state and results under out/name/
+    wandb: str = "auto"          # auto | online | offline | disabled ($WANDB_MODE wins)
+    project: str = "audiotx"     # W&B project
+    entity: str = ""             # W&B entity (team or user)
+    debug: bool = False          # show tracebacks instead of one-line errors
+    report: str = ""             # write DIR/REPORT.md from the finished runs in DIR, train nothing
+    tune: int = 0                # tune --arch on N random settings (successive halving); 0 = train
+    hparams: str = ""            # JSON file of settings (a tuning's best.json); flags still win
+    bench: bool = False          # time every architecture on random clips, train nothing
+    lr_find: bool = False        # LR range test on split 1's training clips: the suggested lr
+    predict: list = dataclasses.field(default_factory=list)  # WAV files or folders to classify
+    run: str = ""                # --predict with this run's fold models; default: the shipped model
+    json: bool = False           # --predict: one JSON object per file on stdout
 
 
-# Fields that change where or how a run is reported, not what it computes: a resumed run may differ in them.
-REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project", "entity", "debug",
-                    "threads", "report", "hparams", "bench", "tune", "lr_find", "predict", "run", "json"}  # hparams: its settings are in the others
-CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave", "logmel"], "subset": ["esc10", "esc50"],
-           "dataset": ["auto", "esc", "urbansound8k"], "device": ["auto", "cpu", "cuda", "mps"],
-           "precision": ["auto", "fp32", "bf16"], "select": ["best", "final"],
-           "wandb": ["auto", "online", "offline", "disabled"]}
+# Fields that change where or how a run is reported, not what it computes (hparams: its settings
+# are in the others): a resumed run may differ in them.
+REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project",
+                    "entity", "debug", "threads", "report", "hparams", "bench", "tune", "lr_find",
+                    "predict", "run", "json"}
+CHOICES = {"arch": ["cnn", "transformer"], "features": ["wave", "logwave"],
+           "subset": ["esc10", "esc50"], "dataset": ["auto", "esc", "urbansound8k"],
+           "device": ["auto", "cpu", "cuda", "mps"], "precision": ["auto", "fp32", "bf16"],
+           "select": ["best", "final"], "wandb": ["auto", "online", "offline", "disabled"]}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -158,7 +162,7 @@ def float_or_auto(text: str):
 
 
 def load_hparams(path: str, parser) -> dict:
-    """Settings from a JSON file: a flat {field: value} or a tuning's best.json ({"hparams": {...}})."""
+    """Settings from a JSON file: {field: value}, or a tuning's best.json ({"hparams": {...}})."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -176,19 +180,22 @@ def parse_args(argv=None) -> Config:
     # --help shows each field's trailing comment, so the comment in Config is the one description
     helps = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag, helptext = "--" + f.name.replace("_", "-"), helps.get(f.name, "") + " (default: %(default)s)"
+        flag = "--" + f.name.replace("_", "-")
+        helptext = helps.get(f.name, "") + " (default: %(default)s)"
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helptext)
         elif f.type is list:
             parser.add_argument(flag, nargs="+", default=[], metavar="PATH", help=helptext)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             kind = float_or_auto if f.name == "lr" else kind
-            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=helptext)
+            parser.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name),
+                                help=helptext)
     parser.add_argument("--amp", dest="precision", action="store_const", const="bf16",
                         help="mixed precision: the same as --precision bf16")
     args = parser.parse_args(argv)
-    if args.hparams:  # the file's settings become defaults, so flags given on the command line still win
+    if args.hparams:  # the file's settings become defaults, so flags on the command line still win
         parser.set_defaults(**load_hparams(args.hparams, parser))
         args = parser.parse_args(argv)
     return Config(**vars(args))
@@ -196,10 +203,9 @@ def parse_args(argv=None) -> Config:
 
 def check_config(cfg: Config):
     """Refuse flag combinations that cannot work, naming the flag."""
-    positive = ["dim", "depth", "heads", "epochs", "batch_size", "sample_rate"]
-    for name in positive:
+    for name in ["dim", "depth", "heads", "epochs", "batch_size", "sample_rate"]:
         if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be positive: {getattr(cfg, name)}")
     if cfg.clip_seconds <= 0 or (cfg.lr != "auto" and cfg.lr <= 0):
         raise UserError("--clip-seconds and --lr must be positive")
     if cfg.arch == "transformer" and cfg.depth < 2:
@@ -207,20 +213,22 @@ def check_config(cfg: Config):
     if cfg.dim % cfg.heads:
         raise UserError(f"--heads {cfg.heads} does not divide --dim {cfg.dim}")
     if cfg.dim % 4:
-        raise UserError(f"--dim must be a multiple of 4 (the front end widens dim/4 -> dim), got {cfg.dim}")
+        raise UserError(f"--dim must be a multiple of 4 (the front end widens dim/4 to dim), "
+                        f"got {cfg.dim}")
     if cfg.tune < 0 or (cfg.tune and not cfg.test_fold):
-        raise UserError("--tune needs a held-out --test-fold (the best set is later tested on it) and N >= 0")
+        raise UserError("--tune needs N >= 0 and a held-out --test-fold (the best set's test)")
     if cfg.kfold < 2:
         raise UserError(f"--kfold must be at least 2, got {cfg.kfold}")
     if cfg.bench and cfg.lr == "auto":
-        raise UserError("--lr auto needs the training clips; --bench times random ones (give --lr a number)")
+        raise UserError("--lr auto needs the training clips; --bench times random ones")
     if not 0 <= cfg.dropout < 1 or cfg.weight_decay < 0 or cfg.mixup < 0 or cfg.gain_db < 0:
-        raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db must be >= 0")
+        raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db >= 0")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
     if cfg.batch_size < 2 * WORKER.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {WORKER.world} processes "
-                        f"it must be at least {2 * WORKER.world} (BatchNorm needs 2 clips in each process's share)")
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {WORKER.world} "
+                        f"processes it must be at least {2 * WORKER.world} (BatchNorm needs 2 "
+                        "clips in each process's share)")
 
 
 def resolve_precision(cfg: Config) -> Config:
@@ -230,7 +238,8 @@ def resolve_precision(cfg: Config) -> Config:
     if cfg.precision != "auto":
         return cfg
     if WORKER.device.type == "cuda":
-        return dataclasses.replace(cfg, precision="bf16" if torch.cuda.is_bf16_supported() else "fp32")
+        native = torch.cuda.is_bf16_supported()
+        return dataclasses.replace(cfg, precision="bf16" if native else "fp32")
     try:
         native = WORKER.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -240,7 +249,9 @@ def resolve_precision(cfg: Config) -> Config:
 
 def run_name(cfg: Config) -> str:
     heads = f"-h{cfg.heads}" if cfg.arch == "transformer" else ""
-    return cfg.name or (f"tune-{cfg.arch}" if cfg.tune else f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}")
+    if cfg.tune:
+        return cfg.name or f"tune-{cfg.arch}"
+    return cfg.name or f"{cfg.arch}{heads}-test{cfg.test_fold}-k{cfg.kfold}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -270,25 +281,27 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     mps = torch.backends.mps.is_available()
     name = ("cuda" if cuda else "mps" if mps else "cpu") if name == "auto" else name
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise UserError(f"--device {name}: no such device on this machine (torch {torch.__version__})")
+        raise UserError(f"--device {name}: no such device on this machine "
+                        f"(torch {torch.__version__})")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def start_processes(cfg: Config):
     """One process on cfg.device, or under torchrun (WORLD_SIZE > 1) one of many: GPU
     LOCAL_RANK of this machine with NCCL, or a CPU share with gloo. Only rank 0 prints."""
-    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    WORKER.rank, WORKER.world, WORKER.local_rank = int(os.environ.get("RANK", "0")), world, local_rank
-    WORKER.device = pick_device(cfg.device, local_rank)
-    if world == 1:
+    env = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+    WORKER.rank, WORKER.world = env("RANK", 0), env("WORLD_SIZE", 1)
+    WORKER.local_rank = env("LOCAL_RANK", 0)
+    WORKER.device = pick_device(cfg.device, WORKER.local_rank)
+    if WORKER.world == 1:
         return
     if WORKER.device.type == "mps":
-        raise UserError("torchrun with --device mps: PyTorch has no process group for MPS; use --device cpu")
+        raise UserError("torchrun with --device mps: torch has no process group for MPS; use cpu")
     if WORKER.device.type == "cuda":
         torch.cuda.set_device(WORKER.device)
     dist.init_process_group("nccl" if WORKER.device.type == "cuda" else "gloo")
     if not WORKER.main:
-        sys.stdout = open(os.devnull, "w")  # one copy of the progress lines; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress lines; errors reach stderr
 
 
 def stop_processes():
@@ -314,7 +327,8 @@ def all_sum(*values) -> list:
     """Each value summed over the processes."""
     if WORKER.world == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=WORKER.device if WORKER.device.type == "cuda" else "cpu")
+    on = WORKER.device if WORKER.device.type == "cuda" else "cpu"  # NCCL reduces on the GPU
+    t = torch.tensor(values, dtype=torch.float64, device=on)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -339,7 +353,8 @@ def to_device(t):
     batch at a time (UrbanSound8K at 16 kHz is 2.2 GB)."""
     if t is None or WORKER.device.type == "cpu":
         return t
-    free = torch.cuda.mem_get_info(WORKER.device)[0] if WORKER.device.type == "cuda" else 2 * t.nbytes + 1
+    cuda = WORKER.device.type == "cuda"
+    free = torch.cuda.mem_get_info(WORKER.device)[0] if cuda else 2 * t.nbytes + 1
     return t.to(WORKER.device) if t.nbytes < free / 2 else t
 
 
@@ -387,7 +402,8 @@ def load_checked(path: Path):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise UserError(f"{path}: damaged ({type(e).__name__}); delete it, or rerun with --restart") from e
+        why = type(e).__name__
+        raise UserError(f"{path}: damaged ({why}); delete it or rerun with --restart") from e
 
 
 def shown_path(path: Path) -> str:
@@ -410,8 +426,8 @@ def code_version() -> dict:
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__}
 
 
 # ----------------------------------------------------------------------------------------
@@ -419,16 +435,17 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------------------
 
 def read_wav(path):
-    """scipy's (sample rate, samples (S,) or (S, channels)); a broken or truncated file is a UserError."""
+    """scipy's (sample rate, samples (S,) or (S, channels)); a broken file is a UserError."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             rate, data = scipy.io.wavfile.read(path)
         except OSError as e:  # absent, a folder, no permission
             raise UserError(f"{path}: cannot be read ({e.strerror})") from e
-        except Exception as e:  # scipy raises ValueError, EOFError or struct errors for broken files
-            raise UserError(f"{path}: not a readable PCM/float WAV file ({str(e).splitlines()[0]})") from e
-    if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with only a warning
+        except Exception as e:  # ValueError, EOFError or struct errors, by how the file is broken
+            why = str(e).splitlines()[0]
+            raise UserError(f"{path}: not a readable PCM/float WAV file ({why})") from e
+    if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with a warning
         raise UserError(f"{path}: truncated (the data chunk is shorter than its header says)")
     return rate, data
 
@@ -503,15 +520,17 @@ def checked_table(meta: Path, table: list, what: str) -> list:
 
 
 def rows_from_names(data_dir: Path, meta: Path) -> list:
-    """Without meta/esc50.csv, the table from ESC-50 file names: {fold}-{src}-{take}-{target}.wav."""
+    """Without meta/esc50.csv, the table from ESC-50 names, {fold}-{src}-{take}-{target}.wav."""
     names = sorted(p.name for p in (data_dir / "audio").glob("*.wav"))
     bad = [n for n in names if not ESC_NAME.match(n)]
     if not names or bad:
-        raise UserError(f"{meta}: missing, and {'audio/' + bad[0] if bad else 'audio/ holds no .wav file'} "
-                        "does not follow ESC-50's {fold}-{src}-{take}-{target}.wav names to stand in for it")
+        what = "audio/" + bad[0] if bad else "audio/ holds no .wav file and"
+        raise UserError(f"{meta}: missing, and {what} does not follow ESC-50's "
+                        "{fold}-{src}-{take}-{target}.wav names to stand in for it")
     print(f"warning: {meta} is missing; folds, sources and classes come from the file names")
     parts = [ESC_NAME.match(n).groups() for n in names]  # (fold, src, take, target)
-    rows = [{"filename": n, "fold": p[0], "src_file": p[1], "category": ESC10.get(int(p[3]), f"target{int(p[3]):02d}")}
+    rows = [{"filename": n, "fold": p[0], "src_file": p[1],
+             "category": ESC10.get(int(p[3]), f"target{int(p[3]):02d}")}
             for n, p in zip(names, parts)]
     if len({p[3] for p in parts}) > len(ESC10):  # a full ESC-50 folder: mark its ESC-10 rows
         for row, p in zip(rows, parts):
@@ -522,7 +541,10 @@ def rows_from_names(data_dir: Path, meta: Path) -> list:
 def read_esc(data_dir: Path, subset: str) -> list:
     """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
     meta = data_dir / "meta" / "esc50.csv"
-    numbered = read_meta(meta) if meta.is_file() else list(enumerate(rows_from_names(data_dir, meta), 2))
+    if meta.is_file():
+        numbered = read_meta(meta)
+    else:
+        numbered = list(enumerate(rows_from_names(data_dir, meta), 2))
     check_columns(meta, numbered, {"filename", "fold", "category"})
     if subset == "esc10" and "esc10" in numbered[0][1]:
         numbered = [(line, r) for line, r in numbered if r["esc10"].lower() == "true"]
@@ -547,7 +569,7 @@ def read_urbansound(data_dir: Path, meta: Path) -> list:
 
 
 def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
-    """Rows (filename under audio/, fold, category, src_file) of the folder's table, sorted by filename."""
+    """The folder's table: rows (filename under audio/, fold, category, src_file), by filename."""
     us8k = data_dir / "metadata" / "UrbanSound8K.csv"
     if dataset == "urbansound8k" or (dataset == "auto" and us8k.is_file()):
         return read_urbansound(data_dir, us8k)
@@ -692,7 +714,7 @@ def find_data(arg: str) -> Path:
 
 
 def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
-    """Cache file keyed by every audio file's name, size and mtime, and the target rate and length."""
+    """A cache file keyed by every audio file's name, size and mtime, and the rate and length."""
     h = hashlib.sha1(f"v{CACHE_VERSION} {cfg.sample_rate} {cfg.clip_seconds}".encode())
     for r in table:
         st = (data_dir / "audio" / r["filename"]).stat()
@@ -733,12 +755,14 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
         rates.append(rate)
         lengths.append(len(wave) / rate)
         waves[i] = fit_clip(wave, rate, cfg.sample_rate, n_samples)
-        kept[i] = min(n_samples, math.ceil(len(wave) * cfg.sample_rate / rate))  # resample_poly's output length
+        # resample_poly's output length
+        kept[i] = min(n_samples, math.ceil(len(wave) * cfg.sample_rate / rate))
         if (i + 1) % 100 == 0 or i + 1 == len(table):
-            print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="", flush=True)
+            print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="",
+                  flush=True)
     print()
-    common_rate = max(set(rates), key=rates.count)
-    odd = {f"a sample rate other than {common_rate} Hz (resampled)": sum(r != common_rate for r in rates),
+    common = max(set(rates), key=rates.count)
+    odd = {f"a sample rate other than {common} Hz (resampled)": sum(r != common for r in rates),
            f"a length other than {cfg.clip_seconds:g} s (padded or cropped)":
                sum(abs(n - cfg.clip_seconds) > 1e-3 for n in lengths),
            "more than one channel (mixed down to mono)": multichannel}
@@ -762,14 +786,15 @@ def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
     if path.is_file():
         try:
             waves, kept = np.load(path), np.load(lengths_path)
-            if waves.shape == (len(table), n_samples) and waves.dtype == np.float32 and kept.shape == (len(table),):
+            whole = waves.shape == (len(table), n_samples) and kept.shape == (len(table),)
+            if whole and waves.dtype == np.float32:
                 return clips_and_lengths(waves, kept)
         except (ValueError, OSError, EOFError):
             pass
         print(f"warning: cache {path} is damaged; rebuilding it")
     waves, kept = decode_clips(data_dir, table, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for array, final in [(kept, lengths_path), (waves, path)]:  # the waves last: their file marks a whole cache
+    for array, final in [(kept, lengths_path), (waves, path)]:  # the waves' file marks it whole
         tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, array)
         os.replace(tmp, final)
@@ -798,23 +823,25 @@ def split_folds(folds, groups, labels, test_fold, k, classes=None):
     folds, groups, labels = np.asarray(folds), np.asarray(groups), np.asarray(labels)
     official = sorted(set(folds.tolist()))
     if test_fold and test_fold not in official:
-        raise UserError(f"--test-fold {test_fold} does not exist (official folds: {official}; 0 = none)")
+        raise UserError(f"--test-fold {test_fold} does not exist (folds: {official}; 0 = none)")
     test = np.flatnonzero(folds == test_fold)
     rest = np.flatnonzero(folds != test_fold)
     remaining = sorted(set(folds[rest].tolist()))
     if k == len(remaining):  # official folds as they are: the course's and the paper's protocol
         part = np.searchsorted(remaining, folds[rest])
     else:
-        if k > len(set(groups[rest].tolist())):
-            raise UserError(f"--kfold {k} is more than the {len(set(groups[rest].tolist()))} source recordings allow")
+        sources = len(set(groups[rest].tolist()))
+        if k > sources:
+            raise UserError(f"--kfold {k} is more than the {sources} source recordings allow")
         part = regroup(groups[rest], labels[rest], k)
     splits = [(rest[part != i], rest[part == i]) for i in range(k)]
     for i, (train, val) in enumerate(splits):
         absent = sorted(set(range(labels.max() + 1)) - set(labels[train].tolist()))
         if len(val) == 0 or absent:
             names = ", ".join(str(classes[c] if classes else c) for c in absent) or "no clips"
-            raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {names} with no training "
-                            "clips; use fewer folds, or a dataset with that class in more folds")
+            raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {names} with "
+                            "no training clips; use fewer folds, or a dataset with that class in "
+                            "more folds")
     return test, splits
 
 
@@ -852,7 +879,8 @@ def shift(wave, lengths=None):
         return torch.stack([w.roll(-j) for w, j in zip(wave, k.tolist())])
     n = lengths.cpu()
     k = (torch.rand(B) * n).long()
-    return torch.stack([torch.cat([w[:m].roll(-j), w[m:]]) for w, m, j in zip(wave, n.tolist(), k.tolist())])
+    return torch.stack([torch.cat([w[:m].roll(-j), w[m:]])
+                        for w, m, j in zip(wave, n.tolist(), k.tolist())])
 
 
 def resample(wave, speed: float, lengths=None):
@@ -889,34 +917,6 @@ def augment(wave, labels, n_classes, cfg: Config, lengths=None):
 # model
 # ----------------------------------------------------------------------------------------
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Triangular filters evenly spaced on the mel scale (2595 log10(1 + f / 700)) from 0 Hz to
-    Nyquist, each rising from its lower neighbour's centre to 1 and falling to the next's: (F, n_mels)."""
-    mel, hz = lambda f: 2595 * np.log10(1 + f / 700), lambda m: 700 * (10 ** (m / 2595) - 1)  # noqa: E731
-    edges = hz(np.linspace(0, mel(sample_rate / 2), n_mels + 2))  # (n_mels + 2,) Hz
-    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1) each
-    return torch.from_numpy(np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid))).T).float()
-
-
-class LogMel(nn.Module):
-    """Log mel spectrogram, normalised per band: wave (B, S) -> (B, n_mels, S // hop + 1).
-    64 ms Hann windows at 16 ms hops and 64 bands at 16 kHz."""
-
-    def __init__(self, *, sample_rate: int, n_fft: int = 1024, hop: int = 256, n_mels: int = 64):
-        super().__init__()
-        self.n_fft, self.hop = n_fft, hop
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.register_buffer("fbank", mel_filterbank(sample_rate, n_fft, n_mels), persistent=False)
-        self.norm = nn.BatchNorm1d(n_mels)  # log energies differ by band; this puts them on one scale
-
-    def forward(self, wave):
-        with torch.autocast(wave.device.type, enabled=False):  # the log of small energies needs float32
-            spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
-            mel = self.fbank.t() @ spec.abs().square()  # (n_mels, F) @ (B, F, frames) -> (B, n_mels, frames)
-            return self.norm(torch.log(mel + 1e-6))
-
-
 def layer_len(n, k: int, s: int, pool: int):
     """Positions out of a conv layer (kernel k, stride s, padding (k - s) // 2) and its max-pool."""
     return ((n + 2 * ((k - s) // 2) - k) // s + 1) // pool
@@ -932,74 +932,63 @@ def stem_frames(wave, conv: nn.Conv1d):
     of the wave's k-sample frames: (B, L, k) @ (k, C) -> (B, C, 1, L) in channels-last memory.
     The same numbers as conv1d, faster than oneDNN's convolution with one input channel."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s samples
-    return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # (B, L, C) -> (B, C, 1, L)
+    frames = F.pad(wave, (p, p)).unfold(1, k, s)  # (B, L, k), a view: frames overlap by k - s
+    return (frames @ conv.weight.flatten(1).t()).transpose(1, 2).unsqueeze(2)  # -> (B, C, 1, L)
 
 
 class ConvFrontEnd(nn.Module):
-    """Four conv layers over the waveform, or over its log mel spectrogram with the bands as
-    channels: wave (B, S) -> x (B, T, dim), T = S / 2048 (16 kHz: 5 s -> 39 frames)."""
+    """Four conv layers over the waveform: wave (B, S) -> x (B, T, dim), T = S / 2048
+    (16 kHz: 5 s -> 39 frames)."""
 
-    def __init__(self, *, dim: int, features: str = "wave", sample_rate: int = 16000):
+    def __init__(self, *, dim: int, features: str = "wave"):
         super().__init__()
-        # (in, out, kernel, stride, pool). On the waveform the strided stem is a learnable filterbank,
-        # 4 ms filters at 1 ms hops (16 kHz), max-pooled by 4; each later layer halves or quarters
-        # time while widening the channels. Coarser stems were faster and less accurate (NOTES.md).
-        self.mel = LogMel(sample_rate=sample_rate) if features == "logmel" else None
-        # logwave: the stem's filters as a learnable filterbank, its output the log of each band's
-        # rectified magnitude, max-pooled; log-mel input's edge over the waveform is that log
+        # (in, out, kernel, stride, pool). The strided stem is a learnable filterbank, 4 ms filters
+        # at 1 ms hops (16 kHz), max-pooled by 4; each later layer cuts time by 4 or 2 while
+        # widening the channels. Coarser stems were faster and less accurate (NOTES.md).
+        self.plan = [(1, dim // 4, 64, 16, 4), (dim // 4, dim // 2, 3, 1, 4),
+                     (dim // 2, dim, 3, 1, 4), (dim, dim, 3, 1, 2)]
+        # logwave: the stem's output is the log of each band's rectified magnitude, as in a log
+        # spectrogram, so a change of gain becomes a shift that the next BatchNorm removes
         self.log_stem = features == "logwave"
-        if self.mel is None:
-            plan = [(1, dim // 4, 64, 16, 4), (dim // 4, dim // 2, 3, 1, 4), (dim // 2, dim, 3, 1, 4),
-                    (dim, dim, 3, 1, 2)]
-        else:  # 16 ms frames: three halvings reach the waveform's 128 ms per frame
-            plan = [(self.mel.fbank.shape[1], dim // 4, 3, 1, 2), (dim // 4, dim // 2, 3, 1, 2),
-                    (dim // 2, dim, 3, 1, 2), (dim, dim, 3, 1, 1)]
-        # The weights are Conv1d's (out, in, k); the layers run as 2-D ops on (B, C, 1, L), see forward
+        # Conv1d's (out, in, k) weights, run as 2-D ops on (B, C, 1, L) (see forward); BatchNorm2d
+        # holds the same state as BatchNorm1d
         self.convs = nn.ModuleList(nn.Conv1d(c_in, c_out, k, s, padding=(k - s) // 2, bias=False)
-                                   for c_in, c_out, k, s, _ in plan)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(c_out) for _, c_out, _, _, _ in plan)  # same state as 1d
-        self.plan = plan
+                                   for c_in, c_out, k, s, _ in self.plan)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c_out) for _, c_out, _, _, _ in self.plan)
 
     def out_len(self, n_samples):
         """Frames out of n samples (an int, or a tensor of clip lengths): those a clip fills."""
-        n = self.input_len(n_samples)
         for _, _, k, s, pool in self.plan:
-            n = layer_len(n, k, s, pool)
-        return n
-
-    def input_len(self, n_samples):
-        """Positions of the first layer's input: samples, or mel frames."""
-        return n_samples // self.mel.hop + 1 if self.mel else n_samples
+            n_samples = layer_len(n_samples, k, s, pool)
+        return n_samples
 
     def forward(self, wave, lengths=None):
-        """wave (B, S) -> (features (B, T, C), None), or with the clips' lengths (B,) in samples,
-        (features, the frames each clip fills (B,)). Then everything past a clip's end is zeroed at the input and
-        after every layer, so the padding never reaches a filled frame: the result is the same
-        however long the padding and whatever it holds.
+        """wave (B, S) -> (x (B, T, C), None), or with the clips' lengths (B,) in samples, (x, the
+        frames each clip fills (B,)). Then everything past a clip's end is zeroed at the input
+        and after every layer, so the padding never reaches a filled frame: the result is the
+        same however long the padding and whatever it holds.
 
-        Inside, activations are (B, C, 1, L) in channels-last memory, rows of C channels per time
-        step: CPU kernels pool, normalise and convolve those much faster than rows of time, and the
-        last layer's output is already the (B, T, C) the transformer reads."""
-        if lengths is not None:
-            wave = wave * (torch.arange(wave.shape[1], device=wave.device) < lengths[:, None])
-        n = None if lengths is None else self.input_len(lengths)
-        x = None  # the waveform stem reads the wave itself
-        if self.mel:  # (B, n_mels, frames) -> (B, n_mels, 1, frames) channels-last
-            x = self.mel(wave).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-            x = x if n is None else x * within(n, x.shape[-1])[:, :, None]
+        Inside, activations are (B, C, 1, L) in channels-last memory, rows of C channels per
+        time step: CPU kernels pool, normalise and convolve those much faster than rows of
+        time, and the last layer's output is already the (B, T, C) the transformer reads."""
+        n = lengths
+        if n is not None:
+            wave = wave * (torch.arange(wave.shape[1], device=wave.device) < n[:, None])
+        x = None  # the stem reads the wave itself
         for i, (conv, norm, (*_, pool)) in enumerate(zip(self.convs, self.norms, self.plan)):
-            x = stem_frames(wave, conv) if x is None else F.conv2d(
-                x, conv.weight.unsqueeze(2), stride=(1, conv.stride[0]), padding=(0, conv.padding[0]))  # (B, C, 1, L)
+            x = stem_frames(wave, conv) if x is None else F.conv2d(  # (B, C, 1, L)
+                x, conv.weight[:, :, None], stride=(1, conv.stride[0]),
+                padding=(0, conv.padding[0]))
             x = x.abs() if self.log_stem and i == 0 else x
             if pool > 1:  # first, so normalisation and ReLU touch a quarter of the values
                 x = F.max_pool2d(x, (1, pool))  # (B, C, 1, L / pool), remainder dropped
-            x = torch.log(x.float() + 1e-4) if self.log_stem and i == 0 else x  # 1e-4: below 16-bit quiet
+            if self.log_stem and i == 0:
+                x = torch.log(x.float() + 1e-4)  # 1e-4: below 16-bit quiet
             x = F.relu(norm(x))
             if n is not None:
                 n = layer_len(n, conv.kernel_size[0], conv.stride[0], pool)
                 x = x * within(n, x.shape[-1])[:, :, None]  # (B, 1, 1, L) mask
-        # (B, C, 1, T) channels-last -> (B, T, C) contiguous; a clip too short to fill one frame keeps its first
+        # (B, C, 1, T) channels-last -> (B, T, C); a clip too short to fill a frame keeps its first
         return x.squeeze(2).transpose(1, 2), None if n is None else n.clamp_min(1)
 
 
@@ -1015,9 +1004,9 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         n = x.numel()
-        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        bits = bits.view(torch.int16)[:n]
-        keep = bits.view(x.shape) >= round(self.p * 65536) - 32768  # uniform int16 in [-32768, 32767]
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64,
+                             device=x.device).view(torch.int16)[:n]  # uniform in [-32768, 32767]
+        keep = bits.view(x.shape) >= round(self.p * 65536) - 32768
         return x * keep * (1 / (1 - self.p))
 
 
@@ -1036,7 +1025,8 @@ class SelfAttention(nn.Module):
         """keep (B, T) bool: the tokens that may be attended to (None: all)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in (q, k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)  # (B, nh, T, T)
         if keep is not None:  # padding gets zero weight, so it cannot move any token's output
             att = att.masked_fill(~keep[:, None, None, :], float("-inf"))
@@ -1050,7 +1040,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, *, dim: int, hidden: int, out: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, out))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout),
+                                 nn.Linear(hidden, out))
 
     def forward(self, x):
         return self.net(x)
@@ -1072,11 +1063,11 @@ class Block(nn.Module):
 
 
 class CNNClassifier(nn.Module):
-    """Front end, mean and max over time, fully connected classifier: wave (B, S) -> logits (B, K)."""
+    """Front end, mean and max over time, MLP classifier: wave (B, S) -> logits (B, K)."""
 
-    def __init__(self, *, dim: int, n_classes: int, dropout: float, features: str = "wave", sample_rate: int = 16000):
+    def __init__(self, *, dim: int, n_classes: int, dropout: float, features: str = "wave"):
         super().__init__()
-        self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
+        self.front = ConvFrontEnd(dim=dim, features=features)
         self.head = MLP(dim=2 * dim, hidden=dim, out=n_classes, dropout=dropout)
 
     def forward(self, wave, lengths=None):
@@ -1084,28 +1075,30 @@ class CNNClassifier(nn.Module):
         if n is None:
             return self.head(torch.cat([x.mean(1), x.amax(1)], dim=1))  # (B, 2C) -> (B, K)
         filled = within(n, x.shape[1]).transpose(1, 2)  # (B, T, 1)
-        mean, top = x.sum(1) / n[:, None], x.masked_fill(~filled, float("-inf")).amax(1)  # over filled frames only
+        mean = x.sum(1) / n[:, None]  # padded frames are zero
+        top = x.masked_fill(~filled, float("-inf")).amax(1)
         return self.head(torch.cat([mean, top], dim=1))
 
 
 class AudioTransformer(nn.Module):
     """Front end, <cls> + positions, attention blocks, MLP head: wave (B, S) -> logits (B, K)."""
 
-    def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int, dropout: float,
-                 features: str = "wave", sample_rate: int = 16000):
+    def __init__(self, *, dim: int, heads: int, depth: int, n_classes: int, n_samples: int,
+                 dropout: float, features: str = "wave"):
         super().__init__()
-        self.front = ConvFrontEnd(dim=dim, features=features, sample_rate=sample_rate)
-        n_tokens = self.front.out_len(n_samples) + 1
+        self.front = ConvFrontEnd(dim=dim, features=features)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, self.front.out_len(n_samples) + 1, dim) * 0.02)
         self.drop = Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, dropout=dropout)
+                                    for _ in range(depth))
         self.ln = nn.LayerNorm(dim)
         self.head = MLP(dim=dim, hidden=dim, out=n_classes, dropout=dropout)
 
     def forward(self, wave, lengths=None):
         x, n = self.front(wave, lengths)  # (B, T, C), None or (B,) filled frames
-        keep = None if n is None else F.pad(within(n, x.shape[1])[:, 0], (1, 0), value=True)  # (B, 1 + T)
+        # (B, 1 + T): the tokens attention may read, <cls> and the filled frames
+        keep = None if n is None else F.pad(within(n, x.shape[1])[:, 0], (1, 0), value=True)
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + T, C), <cls> at 0
         x = self.drop(x + self.pos[:, :x.shape[1]])
         for block in self.blocks:
@@ -1115,15 +1108,14 @@ class AudioTransformer(nn.Module):
 
 def build_model(cfg: Config, n_classes: int) -> nn.Module:
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
-    inputs = {"features": cfg.features, "sample_rate": cfg.sample_rate}
-    front = ConvFrontEnd(dim=cfg.dim, **inputs)
-    if front.out_len(n_samples) < 1:
-        raise UserError(f"--clip-seconds {cfg.clip_seconds} at --sample-rate {cfg.sample_rate} is too short "
-                        f"for the {cfg.features} front end")
+    if ConvFrontEnd(dim=cfg.dim).out_len(n_samples) < 1:
+        raise UserError(f"--clip-seconds {cfg.clip_seconds} at --sample-rate {cfg.sample_rate} is "
+                        "too short for the front end")
     if cfg.arch == "cnn":
-        return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout, **inputs)
+        return CNNClassifier(dim=cfg.dim, n_classes=n_classes, dropout=cfg.dropout,
+                             features=cfg.features)
     return AudioTransformer(dim=cfg.dim, heads=cfg.heads, depth=cfg.depth, n_classes=n_classes,
-                            n_samples=n_samples, dropout=cfg.dropout, **inputs)
+                            n_samples=n_samples, dropout=cfg.dropout, features=cfg.features)
 
 
 def count_params(model: nn.Module) -> dict:
@@ -1148,14 +1140,14 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 def make_optimizer(cfg: Config, model: nn.Module):
     """AdamW; weight decay on matrices and conv kernels only, not on norms, biases or embeddings."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in ("cls", "pos")]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls", "pos"))]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    decays = {n: p.dim() >= 2 and n not in ("cls", "pos") for n, p in model.named_parameters()}
+    groups = [[p for n, p in model.named_parameters() if decays[n] == d] for d in (True, False)]
+    return torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
+                              {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def n_batches(n: int, batch_size: int) -> int:
-    """Near-equal batch sizes (240 clips at 32 -> 8 x 30), so no tiny last batch upsets BatchNorm."""
+    """Batches of near-equal size (240 clips at 32: 8 x 30): no tiny last batch upsets BatchNorm."""
     return max(1, math.ceil(n / batch_size))
 
 
@@ -1164,7 +1156,7 @@ def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: fl
     multiplied by scale: (loss, logits (B, K))."""
     for group in opt.param_groups:
         group["lr"] = lr
-    # bf16 autocast runs the matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
+    # bf16 autocast runs matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
     with torch.autocast(wave.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         logits = model(wave, lengths)
     loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
@@ -1176,14 +1168,16 @@ def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: fl
 
 def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
     """One pass over idx in the random order drawn from the generator `order` (the same in every
-    process); each process trains on its share of every batch. Returns (mean loss, accuracy against the dominant target) over the whole pass."""
+    process); each process trains on its share of every batch. -> (mean loss, accuracy against
+    the dominant target) over the whole pass."""
     model.train()
     perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     loss_sum = correct = 0.0
     for chunk in perm.tensor_split(n_batches(len(idx), cfg.batch_size)):
         share = chunk[WORKER.rank::WORKER.world]  # (B / world,) this process's share
-        wave, target, n = augment(waves[share].to(WORKER.device), labels[share].to(WORKER.device), n_classes,
-                                  cfg, None if lengths is None else lengths[share].to(WORKER.device))
+        n = None if lengths is None else lengths[share].to(WORKER.device)
+        wave, target, n = augment(waves[share].to(WORKER.device), labels[share].to(WORKER.device),
+                                  n_classes, cfg, n)
         # DDP averages the processes' gradients: weighting each share by its size makes that
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
@@ -1199,7 +1193,7 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
 def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
     """Class probabilities (N, K) in eval mode, each process predicting every world-th clip.
     bf16 runs the model as the training steps do; batches of 32 keep the stem's output in cache."""
-    model = getattr(model, "module", model)  # not through DDP, which would sync buffers on every call
+    model = getattr(model, "module", model)  # not through DDP, which would sync buffers each call
     model.eval()
     share = torch.arange(WORKER.rank, len(waves), WORKER.world)
     probs = []
@@ -1261,18 +1255,19 @@ def set_rng_state(saved, path: Path):
         torch.cuda.set_rng_state(saved[WORKER.rank]["cuda"], WORKER.device)
 
 
-def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress, lengths=None):
+def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress,
+               lengths=None):
     """Train one fold for cfg.epochs, resuming from fold_dir/state.pt. Returns (the chosen model,
     its epoch, the history, the last epoch's validation probabilities (N_val, K)).
     Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
     train_idx, val_idx = split
     torch.manual_seed(cfg.seed + fold)
     model = build_model(cfg, n_classes).to(WORKER.device)
-    if WORKER.world > 1 and WORKER.device.type == "cuda":  # batch statistics over the whole batch, as in one process
+    if WORKER.world > 1 and WORKER.device.type == "cuda":  # statistics of the whole batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(cfg, model)
-    order = torch.Generator().manual_seed(cfg.seed + fold)  # the epochs' clip order, shared by the processes
-    if WORKER.rank:  # rank 0 draws what one process would; the others their own augmentation and dropout
+    order = torch.Generator().manual_seed(cfg.seed + fold)  # clip order, the same in every process
+    if WORKER.rank:  # rank 0 draws what one process would; the others their own augmentation
         torch.manual_seed(cfg.seed + fold + 1000 * WORKER.rank)
     steps = n_batches(len(train_idx), cfg.batch_size)
     state_path = fold_dir / "state.pt"
@@ -1305,19 +1300,21 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         best = state["best"]
         # Chosen on validation only: highest accuracy, ties to the lower validation loss.
         if best is None or (va_acc, -va_loss) > (best["val_acc"], -best["val_loss"]):
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             state["best"] = {"epoch": epoch, "val_acc": va_acc, "val_loss": va_loss,
-                             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), order=order.get_state(),
-                     rng=rng_states())
+                             "model": weights}
+        state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(),
+                     order=order.get_state(), rng=rng_states())
         save_atomic(state, state_path)
         write_csv(fold_dir / "history.csv", list(row), [list(r.values()) for r in state["history"]])
         tracker.log(row)
         progress(fold, row)
     if final_val is None:  # resumed after its last epoch: the saved weights are that epoch's
         final_val = predict(model, val_w, cfg.precision, val_n)
-    if cfg.select == "best":
-        model.load_state_dict(state["best"]["model"])
-    return model, state["best"]["epoch"] if cfg.select == "best" else cfg.epochs, state["history"], final_val
+    if cfg.select == "final":
+        return model, cfg.epochs, state["history"], final_val
+    model.load_state_dict(state["best"]["model"])
+    return model, state["best"]["epoch"], state["history"], final_val
 
 
 # ----------------------------------------------------------------------------------------
@@ -1353,26 +1350,29 @@ def summarize(labels, probs, classes):
     tp = np.diag(cm).astype(np.float64)
     precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
     recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
     per_class, aucs = {}, []
     for c, name in enumerate(classes):
-        pos = labels == c
-        a = auc(*roc_curve(probs[:, c], pos)) if 0 < pos.sum() < len(pos) else None  # undefined without both
+        pos = labels == c  # AUC is undefined unless both sides occur
+        a = auc(*roc_curve(probs[:, c], pos)) if 0 < pos.sum() < len(pos) else None
         aucs += [a] if a is not None else []
-        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                           "auc": a, "support": int(cm[c].sum())}
+        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]),
+                           "f1": float(f1[c]), "auc": a, "support": int(cm[c].sum())}
     present = cm.sum(1) > 0  # macro F1 over the classes that occur in this set
     return {"n": int(len(labels)), "accuracy": float(tp.sum() / max(len(labels), 1)),
-            "macro_f1": float(f1[present].mean()), "macro_auc": float(np.mean(aucs)) if aucs else None,
+            "macro_f1": float(f1[present].mean()),
+            "macro_auc": float(np.mean(aucs)) if aucs else None,
             "per_class": per_class, "confusion": cm.tolist()}
 
 
 def pooled(results, labels, splits, test_idx, split: str):
-    """Every fold model's predictions on `split` ("val" or "val_final": each its own fold, by the
-    chosen or the last epoch; "test": the test fold), stacked: (labels (N,), probs (N, K) float64)."""
+    """Every fold model's predictions on `split` ("val" or "val_final": each on its own fold, by
+    the chosen or the last epoch; "test": the test fold), stacked: (labels (N,), probs (N, K))."""
+    probs = torch.cat([r[split] for r in results]).double()
     if split == "test":
-        return labels[test_idx].repeat(len(results)), torch.cat([r["test"] for r in results]).double()
-    return labels[np.concatenate([v for _, v in splits])], torch.cat([r[split] for r in results]).double()
+        return labels[test_idx].repeat(len(results)), probs
+    return labels[np.concatenate([v for _, v in splits])], probs
 
 
 def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
@@ -1385,16 +1385,26 @@ def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
         if res["test"] is not None:
             fm["test"] = summarize(labels[test_idx], res["test"], classes)
         folds.append(fm)
-    metrics = {"val": summarize(*pooled(results, labels, splits, test_idx, "val"), classes),
-               "val_final": summarize(*pooled(results, labels, splits, test_idx, "val_final"), classes),
-               "test": None, "test_mean": None, "test_std": None, "ensemble_test": None, "folds": folds}
+    on = lambda s: summarize(*pooled(results, labels, splits, test_idx, s), classes)  # noqa: E731
+    metrics = {"val": on("val"), "val_final": on("val_final"), "test": None, "test_mean": None,
+               "test_std": None, "ensemble_test": None, "folds": folds}
     if len(test_idx):
         accs = [fm["test"]["accuracy"] for fm in folds]
-        ensemble = torch.stack([r["test"] for r in results]).double().mean(0)  # (k, N_test, K) -> (N_test, K)
-        metrics.update(test=summarize(*pooled(results, labels, splits, test_idx, "test"), classes),
+        ensemble = torch.stack([r["test"] for r in results]).double().mean(0)  # (N_test, K)
+        metrics.update(test=on("test"),
                        test_mean=float(np.mean(accs)), test_std=float(np.std(accs)),
                        ensemble_test=summarize(labels[test_idx], ensemble, classes))
     return metrics
+
+
+def paired(a, b):
+    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    p = float(scipy.stats.ttest_rel(a, b).pvalue)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), p
 
 
 # ----------------------------------------------------------------------------------------
@@ -1407,7 +1417,8 @@ def print_progress_factory(cfg: Config, k: int):
 
     def progress(fold, row):
         done[0] += 1
-        left = (time.time() - t0) / done[0] * (k * cfg.epochs - (fold - 1) * cfg.epochs - row["epoch"])
+        to_go = k * cfg.epochs - (fold - 1) * cfg.epochs - row["epoch"]
+        left = (time.time() - t0) / done[0] * to_go
         print(f"fold {fold}/{k} epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.2e} "
               f"train {row['train_loss']:.3f} {row['train_acc']:6.1%} val {row['val_loss']:.3f} "
               f"{row['val_acc']:6.1%} {row['seconds']:.1f}s left {left / 60:.1f}m", flush=True)
@@ -1426,22 +1437,18 @@ def print_summary(metrics: dict, select: str):
         if m and label:
             print(f"{label:<40}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}{m['macro_auc']:>11.4f}")
     if metrics["test"]:
-        print(f"test accuracy over fold models: {metrics['test_mean']:.4f} +- {metrics['test_std']:.4f}")
+        print(f"test accuracy over fold models: {metrics['test_mean']:.4f} "
+              f"+- {metrics['test_std']:.4f}")
     p = metrics["params"]
     print(f"parameters: {p['trainable']:,} trainable, {p['non_trainable']:,} non-trainable; "
           f"buffers: {p['buffers']:,}")
     print(f"time: {metrics['seconds'] / 60:.1f} min")
 
 
-def prediction_rows(fold, split, filenames, labels, probs):
-    probs = probs.double().numpy()
-    return [[fold, split, f, int(y), int(p.argmax())] + p.tolist() for f, y, p in zip(filenames, labels, probs)]
-
-
-def write_predictions(run_dir: Path, rows: list, classes: list):
-    """predictions.csv: fold, split, filename, label, pred, then one probability per class."""
-    header = ["fold", "split", "filename", "label", "pred"] + [f"p_{c}" for c in classes]
-    write_csv(run_dir / "predictions.csv", header, rows)
+def prediction_rows(fold, split, filenames, idx, labels, probs):
+    """Rows of predictions.csv: fold, split, filename, label, pred, one probability per class."""
+    return [[fold, split, filenames[i], int(labels[i]), int(p.argmax())] + p.tolist()
+            for i, p in zip(idx, probs.double().numpy())]
 
 
 def write_roc(run_dir: Path, labels, probs, classes):
@@ -1458,11 +1465,13 @@ def write_results(run_dir, results, labels, splits, test_idx, filenames, classes
     rows = []
     for fold, (res, (_, val_idx)) in enumerate(zip(results, splits), start=1):
         for split in ("val", "val_final"):
-            rows += prediction_rows(fold, split, [filenames[i] for i in val_idx], labels[val_idx], res[split])
+            rows += prediction_rows(fold, split, filenames, val_idx, labels, res[split])
         if res["test"] is not None:
-            rows += prediction_rows(fold, "test", [filenames[i] for i in test_idx], labels[test_idx], res["test"])
-    write_predictions(run_dir, rows, classes)
-    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, "test" if len(test_idx) else "val_final")
+            rows += prediction_rows(fold, "test", filenames, test_idx, labels, res["test"])
+    header = ["fold", "split", "filename", "label", "pred"] + [f"p_{c}" for c in classes]
+    write_csv(run_dir / "predictions.csv", header, rows)
+    shown = "test" if len(test_idx) else "val_final"
+    roc_labels, roc_probs = pooled(results, labels, splits, test_idx, shown)
     write_roc(run_dir, roc_labels.numpy(), roc_probs.numpy(), classes)
     return roc_labels.numpy(), roc_probs.numpy()
 
@@ -1484,20 +1493,17 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_dir: Path, config: dict, mode: str = ""):
         mode = mode if WORKER.main else "disabled"  # under torchrun rank 0 alone logs
-        self.mode, self.run_dir, self.config, self.cfg = mode or wandb_mode(cfg), run_dir, config, cfg
+        self.mode, self.cfg = mode or wandb_mode(cfg), cfg
+        self.run_dir, self.config = run_dir, config
         self.run, self.wandb = None, None
         if self.mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say where the files are
         os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
         os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / "data"))
-        if self.mode == "offline":  # nothing in the home folder; online runs need the user's login there
+        if self.mode == "offline":  # nothing in the home folder; online needs the user's login
             os.environ.setdefault("WANDB_CONFIG_DIR", str(run_dir / "wandb" / "config"))
-        self._guard(self._import)
-
-    def _import(self):
-        import wandb
-        self.wandb = wandb
+        self.wandb = self._guard(importlib.import_module, "wandb")
 
     def _guard(self, fn, *args):
         if self.mode == "disabled":
@@ -1505,7 +1511,8 @@ class Tracker:
         try:
             return fn(*args)
         except Exception as e:  # never let logging cost the training
-            print(f"warning: W&B turned off after an error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            print(f"warning: W&B turned off after an error: {type(e).__name__}: {why}")
             self.mode = "disabled"
 
     def start(self, job: str):
@@ -1513,11 +1520,12 @@ class Tracker:
         self._guard(self._start, job)
 
     def _start(self, job):
-        name = self.run_dir.name
-        self.run = self.wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity or None, group=name, job_type=job,
-            name=f"{name}-{job}", config=self.config, dir=str(self.run_dir), mode=self.mode,
-            settings=self.wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True))
+        name, w = self.run_dir.name, self.wandb
+        self.run = w.init(project=self.cfg.project, entity=self.cfg.entity or None, group=name,
+                          job_type=job, name=f"{name}-{job}", config=self.config,
+                          dir=str(self.run_dir), mode=self.mode,
+                          settings=w.Settings(console="off", quiet=True, x_disable_stats=True,
+                                              disable_git=True))
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         if self.mode == "online":  # the report links to every online run
@@ -1534,19 +1542,19 @@ class Tracker:
             self._guard(self._summary, metrics, labels, probs, classes, title)
 
     def _summary(self, metrics, labels, probs, classes, title):
-        w, probs = self.wandb, np.asarray(probs)
-        self.run.summary.update({f"{title}/{k}": metrics[k] for k in ("accuracy", "macro_f1", "macro_auc")})
+        w, probs, keys = self.wandb, np.asarray(probs), ("precision", "recall", "f1", "auc")
+        self.run.summary.update({f"{title}/{k}": metrics[k]
+                                 for k in ("accuracy", "macro_f1", "macro_auc")})
         self.run.summary.update({f"params/{k}": v for k, v in self.config["params"].items()})
         curves = [roc_curve(probs[:, c], np.asarray(labels) == c) for c in range(len(classes))]
-        table = w.Table(columns=["class", "precision", "recall", "f1", "auc"],
-                        data=[[c] + [m[k] for k in ("precision", "recall", "f1", "auc")]
-                              for c, m in metrics["per_class"].items()])
         self.run.log({
-            f"{title}/confusion": w.plot.confusion_matrix(y_true=list(map(int, labels)),
-                                                          preds=probs.argmax(1).tolist(), class_names=classes),
-            f"{title}/roc": w.plot.line_series(xs=[c[0].tolist() for c in curves], ys=[c[1].tolist() for c in curves],
-                                               keys=classes, title=f"ROC ({title})", xname="false positive rate"),
-            f"{title}/per_class": table})
+            f"{title}/confusion": w.plot.confusion_matrix(
+                y_true=list(map(int, labels)), preds=probs.argmax(1).tolist(), class_names=classes),
+            f"{title}/roc": w.plot.line_series(
+                xs=[c[0].tolist() for c in curves], ys=[c[1].tolist() for c in curves],
+                keys=classes, title=f"ROC ({title})", xname="false positive rate"),
+            f"{title}/per_class": w.Table(columns=["class", *keys], data=[
+                [c] + [m[k] for k in keys] for c, m in metrics["per_class"].items()])})
 
     def finish(self):
         if self.run:
@@ -1640,7 +1648,8 @@ def predict_files(cfg: Config) -> int:
         wins = torch.cat([d[2] for d in decoded])  # (W, S): every file's windows
         probs = sum(predict(m, wins, precision) for m in models) / len(models)  # (W, K)
         width = max(len(str(d[0])) for d in decoded)
-        for (path, seconds, _, starts), p in zip(decoded, probs.split([len(d[3]) for d in decoded])):
+        per_file = probs.split([len(d[3]) for d in decoded])
+        for (path, seconds, _, starts), p in zip(decoded, per_file):
             print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate,
                                   width))
     return 2 if failed else 0
@@ -1650,57 +1659,36 @@ def predict_files(cfg: Config) -> int:
 # run and main
 # ----------------------------------------------------------------------------------------
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold run_dir/.lock while training, so two runs never write one folder; a lock left by
-    a killed run (its process is gone) is taken over."""
+    """An exclusive lock on run_dir/.lock while training, so two runs never write one folder;
+    the system drops it when the process ends, however it ends."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
-    while True:
+    with open(run_dir / ".lock", "a") as lock:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = int(lock.read_text().strip() or 0) if lock.is_file() else 0
-            if pid and pid_alive(pid):
-                raise UserError(f"{run_dir}: another run (pid {pid}) is using this folder; "
-                                "wait for it, or pass --name or --out to run beside it") from None
-            lock.unlink(missing_ok=True)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir}: another run is using this folder; wait for it, or pass "
+                            "--name or --out to run beside it") from None
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, config: dict):
     """config.json in run_dir; a different configuration under the same name is refused."""
     old = run_dir / "config.json"
-    if old.is_file():
-        try:
-            changed = differences(json.loads(old.read_text()), cfg)
-        except ValueError:
-            changed = "its config.json is damaged"
-        if changed:
-            raise UserError(f"{run_dir}: holds a run with a different configuration ({changed}); "
-                            "pass --name to keep both, or --restart to replace it")
-    if not old.is_file():  # a resumed run keeps the record of how it started (threads, W&B mode, ...)
-        write_json(old, config)
+    if not old.is_file():  # a resumed run keeps the record of how it started (threads, W&B, ...)
+        return write_json(old, config)
+    try:
+        changed = differences(json.loads(old.read_text()), cfg)
+    except ValueError:
+        changed = "its config.json is damaged"
+    if changed:
+        raise UserError(f"{run_dir}: holds a run with a different configuration ({changed}); "
+                        "pass --name to keep both, or --restart to replace it")
 
 
 def clear_run_dir(run_dir: Path):
-    """--restart: every file of the earlier run goes, but its W&B runs (they are kept online too)."""
+    """--restart: every file of the earlier run goes but its W&B runs (they may be online too)."""
     for p in sorted(run_dir.rglob("*"), reverse=True):
         if p.is_file() and "wandb" not in p.parts and p.name != ".lock":
             p.unlink()
@@ -1714,15 +1702,18 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
         fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
-    (waves, lengths), split, test_idx, labels, classes = clips, ds.splits[fold - 1], ds.test_idx, ds.labels, ds.classes
-    model, epoch, history, final_val = train_fold(cfg, waves, labels, split, fold, fold_dir, len(classes),
-                                                  tracker, progress, lengths)
-    on = lambda idx: (waves[idx], cfg.precision, None if lengths is None else lengths[idx])  # noqa: E731
-    res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history), "val_final": final_val,
-           "val": predict(model, *on(split[1])), "test": predict(model, *on(test_idx)) if len(test_idx) else None}
-    shown = "test" if len(test_idx) else "val_final"
-    shown_labels = labels[test_idx] if len(test_idx) else labels[split[1]]
-    tracker.summary(summarize(shown_labels, res[shown], classes), shown_labels, res[shown], classes, shown)
+    (waves, lengths), (_, val_idx), test_idx = clips, ds.splits[fold - 1], ds.test_idx
+    model, epoch, history, final_val = train_fold(cfg, waves, ds.labels, ds.splits[fold - 1], fold,
+                                                  fold_dir, len(ds.classes), tracker, progress,
+                                                  lengths)
+    on = lambda idx: predict(model, waves[idx], cfg.precision,  # noqa: E731
+                             None if lengths is None else lengths[idx])
+    res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history),
+           "val_final": final_val, "val": on(val_idx),
+           "test": on(test_idx) if len(test_idx) else None}
+    shown, idx = ("test", test_idx) if len(test_idx) else ("val_final", val_idx)
+    y = ds.labels[idx]
+    tracker.summary(summarize(y, res[shown], ds.classes), y, res[shown], ds.classes, shown)
     tracker.finish()
     save_atomic(model.state_dict(), fold_dir / "model.pt")
     save_atomic(res, fold_dir / "result.pt")
@@ -1747,28 +1738,31 @@ def run_locked(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
         print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
         return json.loads((run_dir / "metrics.json").read_text())
     clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
-    print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, "
-          f"test fold {cfg.test_fold or 'none'}, {cfg.kfold} validation folds"
-          + (f", {WORKER.world} processes on {WORKER.device.type}" if WORKER.world > 1 else f" on {WORKER.device.type}"))
+    where = f", {WORKER.world} processes" if WORKER.world > 1 else ""
+    print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, test fold "
+          f"{cfg.test_fold or 'none'}, {cfg.kfold} validation folds{where} on {WORKER.device.type}")
     tracker = Tracker(cfg, run_dir, config)
     progress = print_progress_factory(cfg, cfg.kfold)
-    results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress) for fold in range(1, cfg.kfold + 1)]
+    results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress)
+               for fold in range(1, cfg.kfold + 1)]
     labels, splits, test_idx, classes = ds.labels, ds.splits, ds.test_idx, ds.classes
     metrics = gather_metrics(results, labels, splits, test_idx, classes)
     if not WORKER.main:
         return metrics
     # Training seconds summed over the saved epochs, so a resumed run reports the whole cost.
-    metrics.update(classes=classes, params=config["params"], seconds=sum(r["seconds"] for r in results))
+    metrics.update(classes=classes, params=config["params"],
+                   seconds=sum(r["seconds"] for r in results))
     roc_labels, roc_probs = write_results(run_dir, results, labels, splits, test_idx,
                                           [r["filename"] for r in ds.table], classes)
     write_json(run_dir / "metrics.json", metrics)
     tracker.start("summary")
-    tracker.summary(metrics["test"] or metrics["val_final"], roc_labels, roc_probs, classes,
-                    "test" if metrics["test"] else "val_final")
+    shown = "test" if metrics["test"] else "val_final"
+    tracker.summary(metrics[shown], roc_labels, roc_probs, classes, shown)
     tracker.finish()
     print_summary(metrics, cfg.select)
     if tracker.mode == "offline":
-        print(f"W&B offline runs: {run_dir / 'wandb'} (upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
+        print(f"W&B offline runs: {run_dir / 'wandb'} "
+              f"(upload with: wandb sync {run_dir / 'wandb'}/offline-run-*)")
     return metrics
 
 
@@ -1784,7 +1778,8 @@ def run(cfg: Config) -> dict:
         if cfg.restart and WORKER.main:
             clear_run_dir(run_dir)
         if cfg.lr_find or cfg.lr == "auto":  # config.json records the number
-            cfg = dataclasses.replace(cfg, lr=from_main(find_lr(cfg, ds, run_dir) if WORKER.main else None))
+            lr = from_main(find_lr(cfg, ds, run_dir) if WORKER.main else None)
+            cfg = dataclasses.replace(cfg, lr=lr)
             if cfg.lr_find:
                 return {"lr": cfg.lr}
         config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
@@ -1808,7 +1803,9 @@ def main(argv=None) -> int:
             raise UserError("--report and --bench run in one process: leave out torchrun")
         if cfg.predict:
             return predict_files(cfg)
-        if cfg.report:
+        if cfg.report:  # report.py imports this module: as itself, not as a second copy
+            sys.modules.setdefault("audiotx", sys.modules[__name__])
+            from report import write_report
             write_report(Path(cfg.report))
         elif cfg.bench:
             check_config(cfg)
@@ -1849,18 +1846,26 @@ SPACE = {  # what --tune samples; depth only for the transformer
 
 def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds: int) -> float:
     """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
-    tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the final runs
+    tracker = Tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many; W&B gets the runs
     accs = []
     for fold in range(1, n_folds + 1):
         fold_dir = trial_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold, fold_dir,
-                                   len(ds.classes), tracker, lambda *_: None, clips[1])
+        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold,
+                                      fold_dir, len(ds.classes), tracker, lambda *_: None, clips[1])
         tail = max(1, len(history) // 10)
         accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
         if WORKER.main:
             (fold_dir / "state.pt").unlink(missing_ok=True)
     return float(np.mean(accs))
+
+
+def earlier_scores(path: Path, trials: list) -> dict:
+    """{(trial, rung): score} from an earlier run's trials.csv, where the settings still match."""
+    rows = read_csv(path) if path.is_file() else []
+    same = lambda r: int(r["trial"]) < len(trials) and all(  # noqa: E731
+        float(r[n]) == float(v) for n, v in trials[int(r["trial"])].items())
+    return {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in rows if same(r)}
 
 
 def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
@@ -1873,13 +1878,13 @@ def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
     rng = np.random.default_rng(cfg.seed)
     names = [n for n in SPACE if n != "depth" or cfg.arch == "transformer"]
     # Trial 0 is the recipe as given, so the search returns it unless another setting beats it.
-    trials = [{n: getattr(cfg, n) for n in names}] + [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
-    done = {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in read_csv(out / "trials.csv")
-            if int(r["trial"]) < len(trials) and all(float(r[n]) == float(trials[int(r["trial"])][n]) for n in names)} \
-        if (out / "trials.csv").is_file() else {}
+    trials = [{n: getattr(cfg, n) for n in names}]
+    trials += [{n: SPACE[n](rng) for n in names} for _ in range(cfg.tune - 1)]
+    done = earlier_scores(out / "trials.csv", trials)
     rows, alive = [], list(range(len(trials)))
-    for rung, (epochs, n_folds) in enumerate([(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),
-                                              (cfg.epochs, cfg.kfold)]):
+    rungs = [(max(cfg.epochs // 4, 1), 2), (max(cfg.epochs // 2, 1), cfg.kfold),
+             (cfg.epochs, cfg.kfold)]
+    for rung, (epochs, n_folds) in enumerate(rungs):
         scores = {}
         for t in alive:
             trial_cfg = dataclasses.replace(cfg, **trials[t], epochs=epochs, tune=0)
@@ -1894,35 +1899,99 @@ def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
         alive = sorted(alive, key=lambda t: -scores[t])[:max(1, math.ceil(len(alive) / 3))]
         if len(alive) == 1:
             break
-    best = {"arch": cfg.arch, "score": scores[alive[0]], "trial": alive[0], "hparams": trials[alive[0]]}
+    t = alive[0]
+    best = {"arch": cfg.arch, "score": scores[t], "trial": t, "hparams": trials[t]}
     write_json(out / "best.json", best)
-    print(f"tune {cfg.arch}: best trial {alive[0]}, score {best['score']:.4f}: {best['hparams']}")
+    print(f"tune {cfg.arch}: best trial {t}, score {best['score']:.4f}: {best['hparams']}")
     return best
+
+
+# ----------------------------------------------------------------------------------------
+# tools: line charts as SVG, for the LR range test and the report
+# ----------------------------------------------------------------------------------------
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#000000"]
+
+
+def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> list:
+    """Ticks at whole multiples of a round step (1, 2, 2.5 or 5 times a power of ten; at least 1
+    for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
+    if hi == lo:  # one value: a range around it
+        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
+    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20)
+             for m in (1, 2, 2.5, 5))
+    for step in sorted(st for st in steps if st >= 1 or not integer):
+        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        if last - first + 1 <= most:
+            return [round(k * step, 12) for k in range(first, last + 1)]
+    return [lo, hi]
+
+
+def svg_open(w, h, title, size=11) -> list:
+    """An SVG's first elements: its frame, a white page and the title."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+            f'font-family="sans-serif" font-size="{size}"><rect width="100%" height="100%" '
+            f'fill="white"/>', f'<text x="10" y="16" font-size="13">{escape(title)}</text>']
+
+
+def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320, x_integer=False):
+    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs);
+    x_integer: x ticks at whole numbers only (epochs)."""
+    left, right, top, bottom = 55, 150, 30, 42
+    xs = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
+    xticks = nice_ticks(xs.min(), xs.max(), integer=x_integer)
+    yticks = nice_ticks(ys.min(), ys.max())
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
+    py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
+    points = lambda a, b: " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(a, b))  # noqa: E731
+    out = svg_open(w, h, title) + [
+        f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">'
+        f'{escape(xlabel)}</text>',
+        f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">'
+        f'{escape(ylabel)}</text>',
+        f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
+    out += [f'<text class="x" x="{px(v):.1f}" y="{h - bottom + 14}" text-anchor="middle">'
+            f'{v:g}</text>' for v in xticks]
+    out += [f'<text class="y" x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
+            f'<path d="M{left},{py(v):.1f} H{w - right}" stroke="#ddd"/>' for v in yticks]
+    for i, (label, sx, sy, band) in enumerate(series):
+        color, ly = COLORS[i % len(COLORS)], top + 8 + 15 * i
+        if band is not None:
+            out.append(f'<polygon points="{points([*sx, *sx[::-1]], [*band[1], *band[0][::-1]])}" '
+                       f'fill="{color}" fill-opacity="0.18" stroke="none"/>')
+        out += [f'<polyline points="{points(sx, sy)}" fill="none" stroke="{color}" '
+                'stroke-width="1.5"/>',
+                f'<path d="M{w - right + 8},{ly} h16" stroke="{color}" stroke-width="2"/>',
+                f'<text x="{w - right + 28}" y="{ly + 4}">{escape(label)}</text>']
+    return "\n".join(out) + "\n</svg>\n"
 
 
 # ----------------------------------------------------------------------------------------
 # tools: the LR range test
 # ----------------------------------------------------------------------------------------
 
-def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6, hi: float = 1.0,
-                  lengths=None):
+def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6,
+                  hi: float = 1.0, lengths=None):
     """LR range test (Smith 2017): from a fresh model, one step per batch of train_idx while the
-    learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its lowest.
-    Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
+    learning rate grows exponentially from lo to hi, until the smoothed loss passes 4x its
+    lowest. Returns the rows (step, lr, loss, smoothed); suggest_lr reads the peak from them."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, n_classes).to(WORKER.device)
     opt = make_optimizer(cfg, model)
     model.train()
-    rows, avg, lowest = [], 0.0, math.inf
-    batches = []
+    rows, avg, lowest, batches = [], 0.0, math.inf, []
     for step in range(steps):
         if not batches:  # a fresh random order each pass over the training clips
             perm = torch.from_numpy(train_idx)[torch.randperm(len(train_idx))]
             batches = list(perm.tensor_split(n_batches(len(train_idx), cfg.batch_size)))
         chunk = batches.pop()
         lr = lo * (hi / lo) ** (step / (steps - 1))
-        wave, target, n = augment(waves[chunk].to(WORKER.device), labels[chunk].to(WORKER.device), n_classes, cfg,
-                                  None if lengths is None else lengths[chunk].to(WORKER.device))
+        n = None if lengths is None else lengths[chunk].to(WORKER.device)
+        wave, target, n = augment(waves[chunk].to(WORKER.device), labels[chunk].to(WORKER.device),
+                                  n_classes, cfg, n)
         loss, _ = train_step(model, opt, wave, target, cfg, lr, n)
         avg = 0.9 * avg + 0.1 * loss
         smoothed = avg / (1 - 0.9 ** (step + 1))  # bias-corrected exponential average
@@ -1943,11 +2012,11 @@ def suggest_lr(rows) -> float:
 def lr_find_svg(rows, name: str) -> str:
     """Loss against log10 learning rate, capped at 1.5x the starting loss so the final blow-up
     does not flatten the part that matters."""
-    cap = 1.5 * rows[0]["smoothed"]
-    return svg_lines([(key, [math.log10(r["lr"]) for r in rows], [min(r[key], cap) for r in rows], None)
+    cap, lrs = 1.5 * rows[0]["smoothed"], [math.log10(r["lr"]) for r in rows]
+    return svg_lines([(key, lrs, [min(r[key], cap) for r in rows], None)
                       for key in ("loss", "smoothed")],
-                     title=f"{name}: LR range test (loss capped at {cap:.2f})", xlabel="log10 learning rate",
-                     ylabel="training loss")
+                     title=f"{name}: LR range test (loss capped at {cap:.2f})",
+                     xlabel="log10 learning rate", ylabel="training loss")
 
 
 def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
@@ -1959,8 +2028,8 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
         waves, lengths = load_clips(ds.root, ds.table, cfg)
-        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels, ds.splits[0][0],
-                             len(ds.classes), lengths=to_device(lengths))
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels,
+                             ds.splits[0][0], len(ds.classes), lengths=to_device(lengths))
         write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
@@ -1984,7 +2053,7 @@ def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
 
 
 def step_flops(model, wave, labels, n_classes) -> tuple:
-    """(forward FLOPs per clip, training-step FLOPs per clip), counted by torch's FlopCounterMode."""
+    """(forward FLOPs per clip, training-step FLOPs per clip), by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fwd:
@@ -2000,24 +2069,25 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     """Speed of one architecture on random clips shaped like the course configuration's folds."""
     n_samples = round(cfg.sample_rate * cfg.clip_seconds)
     torch.manual_seed(cfg.seed)
-    waves, labels = torch.randn(n_train + n_val, n_samples) * 0.1, torch.arange(n_train + n_val) % n_classes
+    waves = torch.randn(n_train + n_val, n_samples) * 0.1
+    labels = torch.arange(n_train + n_val) % n_classes
     model = build_model(cfg, n_classes).to(WORKER.device)
     opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
     batch = waves[:cfg.batch_size].to(WORKER.device), labels[:cfg.batch_size].to(WORKER.device)
     fwd_flops, train_flops = step_flops(model, *batch, n_classes)
-    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 0, 100, order)  # warm-up
-    t0 = time.perf_counter()
-    train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, 1, 100, order)
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    seconds = []
+    for step in (0, 1):  # the first epoch warms up
+        t0 = time.perf_counter()
+        train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, step, 100, order)
+        seconds.append(time.perf_counter() - t0)
+    t_train, t0 = seconds[1], time.perf_counter()
     evaluate(model, waves[n_train:], labels[n_train:], cfg.precision)
     t_eval = time.perf_counter() - t0
-    epoch = t_train + t_eval
     return {"arch": cfg.arch, "heads": cfg.heads if cfg.arch == "transformer" else None,
             "params": count_params(model)["trainable"], "fwd_mflops_per_clip": fwd_flops / 1e6,
-            "train_clips_per_s": n_train / t_train, "eval_clips_per_s": n_val / t_eval, "s_per_epoch": epoch,
-            "train_gflops": train_flops * n_train / t_train / 1e9,
-            "default_command_min": cfg.kfold * cfg.epochs * epoch / 60}
+            "train_clips_per_s": n_train / t_train, "eval_clips_per_s": n_val / t_eval,
+            "s_per_epoch": t_train + t_eval, "train_gflops": train_flops * n_train / t_train / 1e9,
+            "default_command_min": cfg.kfold * cfg.epochs * (t_train + t_eval) / 60}
 
 
 def bench(cfg: Config) -> dict:
@@ -2025,506 +2095,27 @@ def bench(cfg: Config) -> dict:
     the training step comes to the matrix product's GFLOP/s; written to out/bench.json too."""
     import resource
     peak = matmul_gflops()
-    rows = [bench_row(dataclasses.replace(cfg, arch=a, heads=h))
-            for a, h in (("cnn", cfg.heads), ("transformer", 1), ("transformer", 2), ("transformer", 4))]
-    # Each architecture runs with fold 1 held out (the rows: 240 training + 80 validation clips per
-    # fold) and with none (300 + 100): an epoch's time grows with its clips, so the second costs 5/4.
+    archs = (("cnn", cfg.heads), ("transformer", 1), ("transformer", 2), ("transformer", 4))
+    rows = [bench_row(dataclasses.replace(cfg, arch=a, heads=h)) for a, h in archs]
+    # Each architecture runs with fold 1 held out (the rows: 240 training + 80 validation clips
+    # per fold) and with none (300 + 100): an epoch's time grows with its clips, so 5/4 as much.
     grid_min = (1 + 400 / 320) * sum(r["default_command_min"] for r in rows)
     print(f"{'arch':<14}{'params':>9}{'MFLOP/clip':>11}{'train/s':>9}{'eval/s':>8}{'s/epoch':>9}"
           f"{'GFLOP/s':>9}{'of peak':>8}{'100 ep x 4':>11}")
     for r in rows:
         name = r["arch"] + (f"-h{r['heads']}" if r["heads"] else "")
-        print(f"{name:<14}{r['params']:>9,}{r['fwd_mflops_per_clip']:>11.1f}{r['train_clips_per_s']:>9.0f}"
+        print(f"{name:<14}{r['params']:>9,}"
+              f"{r['fwd_mflops_per_clip']:>11.1f}{r['train_clips_per_s']:>9.0f}"
               f"{r['eval_clips_per_s']:>8.0f}{r['s_per_epoch']:>9.2f}{r['train_gflops']:>9.1f}"
               f"{r['train_gflops'] / peak:>8.0%}{r['default_command_min']:>9.1f} m")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"matrix product: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads; run.sh grid projected "
-          f"{grid_min:.0f} min; peak resident memory {rss:.0f} MiB")
+    print(f"matrix product: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads; run.sh grid "
+          f"projected {grid_min:.0f} min; peak resident memory {rss:.0f} MiB")
     result = {"rows": rows, "matmul_gflops": peak, "grid_min": grid_min, "peak_rss_mib": rss,
               "threads": torch.get_num_threads(), "versions": versions()}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.out) / "bench.json", result)
     return result
-
-
-# ----------------------------------------------------------------------------------------
-# tools: the report, REPORT.md and SVG figures from the files finished runs wrote
-# ----------------------------------------------------------------------------------------
-
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf", "#000000"]
-
-
-def xml_escape(text) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def nice_ticks(lo: float, hi: float, most: int = 7, integer: bool = False) -> list:
-    """Ticks at whole multiples of a round step (1, 2, 2.5 or 5 times a power of ten; at least 1
-    for an integer axis such as epochs) covering [lo, hi], at most `most` of them."""
-    if hi == lo:  # one value: a range around it
-        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
-    steps = (m * 10.0 ** e for e in range(math.floor(math.log10(hi - lo)) - 2, 20)
-             for m in (1, 2, 2.5, 5))
-    for step in sorted(st for st in steps if st >= 1 or not integer):
-        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-        if last - first + 1 <= most:
-            return [round(k * step, 12) for k in range(first, last + 1)]
-    return [lo, hi]
-
-
-def svg_lines(series, *, title, xlabel, ylabel, w=600, h=320, x_integer=False):
-    """A line chart as SVG text; series: [(label, xs, ys, band or None)], band = (lows, highs);
-    x_integer: x ticks at whole numbers only (epochs)."""
-    left, right, top, bottom = 55, 150, 30, 42
-    xs = np.concatenate([np.asarray(s[1], float) for s in series])
-    ys = np.concatenate([np.asarray(v, float) for s in series for v in ([s[2]] + list(s[3] or []))])
-    xticks, yticks = nice_ticks(xs.min(), xs.max(), integer=x_integer), nice_ticks(ys.min(), ys.max())
-    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
-    py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
-           f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">{xml_escape(xlabel)}</text>',
-           f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">{xml_escape(ylabel)}</text>',
-           f'<path d="M{left},{top} V{h - bottom} H{w - right}" stroke="black" fill="none"/>']
-    out += [f'<text class="x" x="{px(v):.1f}" y="{h - bottom + 14}" text-anchor="middle">{v:g}</text>' for v in xticks]
-    out += [f'<text class="y" x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
-            f'<path d="M{left},{py(v):.1f} H{w - right}" stroke="#ddd"/>' for v in yticks]
-    for i, (label, sx, sy, band) in enumerate(series):
-        color = COLORS[i % len(COLORS)]
-        if band is not None:
-            pts = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
-            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" '
-                       f'fill="{color}" fill-opacity="0.18" stroke="none"/>')
-        out.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))}" '
-                   f'fill="none" stroke="{color}" stroke-width="1.5"/>')
-        ly = top + 8 + 15 * i
-        out += [f'<path d="M{w - right + 8},{ly} h16" stroke="{color}" stroke-width="2"/>',
-                f'<text x="{w - right + 28}" y="{ly + 4}">{xml_escape(label)}</text>']
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def svg_confusion(cm, classes, title):
-    """Confusion matrix heat map with counts; rows true, columns predicted."""
-    cm = np.asarray(cm)
-    label = 7 * max(len(str(c)) for c in classes) + 10  # room for the longest class name at 12 px
-    cell, left, top = 34, label + 20, 40
-    size = len(classes) * cell
-    w, h = left + size + 20, top + size + label + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{xml_escape(title)}</text>',
-           f'<text x="{left + size / 2}" y="{h - 6}" text-anchor="middle">predicted</text>',
-           f'<text x="10" y="{top - 8}">true</text>']
-    rows = np.maximum(cm.sum(1, keepdims=True), 1)
-    for i, name in enumerate(classes):
-        out += [f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">{xml_escape(name)}</text>',
-                f'<text x="{left + i * cell + cell / 2 + 4}" y="{top + size + 6}" text-anchor="end" '
-                f'transform="rotate(-90 {left + i * cell + cell / 2 + 4} {top + size + 6})">{xml_escape(name)}</text>']
-        for j in range(len(classes)):
-            share = cm[i, j] / rows[i, 0]  # colour by the row's share, so classes of any size compare
-            out += [f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
-                    f'fill="rgb({int(255 - 225 * share)},{int(255 - 155 * share)},255)" stroke="#fff"/>',
-                    f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" text-anchor="middle" '
-                    f'fill="{"white" if share > 0.6 else "black"}">{cm[i, j]}</text>']
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def load_runs(root: Path) -> list:
-    """Every finished configuration under root: its config, metrics, per-fold histories and ROC points."""
-    runs = []
-    for m in sorted(root.glob("*/metrics.json")):
-        d = m.parent
-        config, metrics = json.loads((d / "config.json").read_text()), json.loads(m.read_text())
-        histories = [read_csv(d / f"fold{i}" / "history.csv") for i in range(1, config["kfold"] + 1)]
-        runs.append({"name": d.name, "dir": d, "config": config, "metrics": metrics, "histories": histories,
-                     "roc": read_csv(d / "roc.csv")})
-    return runs
-
-
-def headline(run) -> dict:
-    """The numbers of one configuration that the tables compare: validation accuracy of each fold's
-    last epoch (its history's last row), which nothing chose, and of its best (optimistic)."""
-    m, folds = run["metrics"], run["metrics"]["folds"]
-    val = [float(h[-1]["val_acc"]) for h in run["histories"]]
-    best = [f["val"]["accuracy"] for f in folds]
-    shown = m["test"] or m.get("val_final") or m["val"]
-    return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
-            "best_mean": float(np.mean(best)),
-            "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
-            "f1": shown["macro_f1"], "auc": shown["macro_auc"],
-            "on": "test" if m["test"] else "val, final epoch" if "val_final" in m
-            else "val, best epoch"}
-
-
-def split_label(config) -> str:
-    return f"test fold {config['test_fold']}, k={config['kfold']}" if config["test_fold"] else \
-        f"no test fold, k={config['kfold']}"
-
-
-def config_table(runs) -> list:
-    lines = ["| configuration | arch | heads | split | trainable | non-trainable | val acc, final epoch | "
-             "val acc, best epoch (optimistic) | test acc (fold models) | ensemble test acc | macro F1 | "
-             "macro AUC | F1/AUC on | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        c, m, h = r["config"], r["metrics"], headline(r)
-        test = f"{m['test_mean']:.3f} ± {m['test_std']:.3f}" if m["test"] else "-"
-        ens = f"{m['ensemble_test']['accuracy']:.3f}" if m["ensemble_test"] else "-"
-        lines.append(f"| {r['name']} | {c['arch']} | {c['heads'] if c['arch'] == 'transformer' else '-'} | "
-                     f"{split_label(c)} | {m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
-                     f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {h['best_mean']:.3f} | {test} | {ens} | {h['f1']:.3f} | {h['auc']:.3f} | "
-                     f"{h['on']} | {m['seconds'] / 60:.1f} |")
-    return lines
-
-
-def paired(a, b):
-    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2 or np.allclose(d, d[0]):
-        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
-    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), float(scipy.stats.ttest_rel(a, b).pvalue)
-
-
-def best_per_split(runs) -> dict:
-    """{split: its configuration with the highest mean validation accuracy}; the test fold plays no part."""
-    splits = sorted({split_label(r["config"]) for r in runs})
-    return {s: max((r for r in runs if split_label(r["config"]) == s), key=lambda r: headline(r)["val_mean"])
-            for s in splits}
-
-
-def verdict(best, group) -> list:
-    """The comparison in one sentence: is the best configuration's lead beyond noise?"""
-    others = [r for r in group if r is not best]
-    if not others:
-        return []
-    beyond = [r["name"] for r in others if paired(headline(best)["val_folds"], headline(r)["val_folds"])[1] > 0]
-    params = {r["name"]: r["metrics"]["params"]["trainable"] for r in group}
-    smallest = min(params, key=params.get)
-    lead = (f"its lead is beyond noise over {', '.join(f'`{n}`' for n in beyond)} and within noise over the rest"
-            if beyond else "but every difference from it is within noise on these folds")
-    return [f"**Verdict.** `{best['name']}` has the highest final-epoch validation accuracy, {lead}. The smallest model, "
-            f"`{smallest}` ({params[smallest]:,} parameters, {max(params.values()) / params[smallest]:.1f}x fewer "
-            f"than the largest), is the better buy where accuracies are tied."]
-
-
-def class_comparison(group) -> list:
-    """Per-class F1 of the best transformer against the cnn, on the pooled validation predictions."""
-    cnn = [r for r in group if r["config"]["arch"] == "cnn"]
-    tfs = [r for r in group if r["config"]["arch"] == "transformer"]
-    if not cnn or not tfs:
-        return []
-    tf = max(tfs, key=lambda r: headline(r)["val_mean"])
-    on = lambda r: r["metrics"].get("val_final") or r["metrics"]["val"]  # noqa: E731
-    a, b = on(cnn[0])["per_class"], on(tf)["per_class"]
-    lines = [f"Per-class F1 on the pooled validation predictions, `{tf['name']}` against `{cnn[0]['name']}`:", "",
-             "| class | cnn F1 | transformer F1 | transformer − cnn |", "|---|---|---|---|"]
-    for c in sorted(a, key=lambda c: b[c]["f1"] - a[c]["f1"]):
-        lines.append(f"| {c} | {a[c]['f1']:.3f} | {b[c]['f1']:.3f} | {b[c]['f1'] - a[c]['f1']:+.3f} |")
-    return lines
-
-
-def heads_comparison(group) -> list:
-    tfs = sorted((r for r in group if r["config"]["arch"] == "transformer"), key=lambda r: r["config"]["heads"])
-    if len(tfs) < 2:
-        return []
-    cells = ", ".join(f"{r['config']['heads']} head(s) {headline(r)['val_mean']:.3f} ± {headline(r)['val_std']:.3f}"
-                      for r in tfs)
-    return [f"Heads, by validation accuracy over folds: {cells}."]
-
-
-def analysis(runs) -> list:
-    """Which configuration is best, by validation accuracy, and whether each gap is beyond noise."""
-    lines = ["## Analysis", "",
-             "The best configuration of each split is the one with the highest mean final-epoch validation accuracy over its "
-             "folds; the test fold plays no part in choosing it. Each other configuration of the same split is "
-             "compared with it fold by fold (the folds are the same clips): the mean difference, its 95% "
-             "t interval, and the paired t-test. With k folds there are only k pairs, so an interval that "
-             "contains 0 means the difference is within noise.", ""]
-    for split, best in best_per_split(runs).items():
-        group = [r for r in runs if split_label(r["config"]) == split]
-        hb = headline(best)
-        lines += [f"### {split}: best is `{best['name']}`", "",
-                  f"Final-epoch validation accuracy {hb['val_mean']:.3f} ± {hb['val_std']:.3f} over folds"
-                  + (f"; fold-model test accuracy {best['metrics']['test_mean']:.3f}, k-fold ensemble "
-                     f"{best['metrics']['ensemble_test']['accuracy']:.3f}." if best["metrics"]["test"] else "."), "",
-                  "| compared with | Δ final-epoch val acc (best − other) | 95% CI | p | Δ test acc | 95% CI | p | "
-                  "accuracy per 100k params |", "|---|---|---|---|---|---|---|---|"]
-        for r in group:
-            h = headline(r)
-            dv = paired(hb["val_folds"], h["val_folds"])
-            dt = paired(hb["test_folds"], h["test_folds"]) if hb["test_folds"] else None
-            per = (h["val_mean"] if not r["metrics"]["test"] else r["metrics"]["test_mean"]) \
-                / (r["metrics"]["params"]["trainable"] / 1e5)
-            test_cells = f"{dt[0]:+.3f} | [{dt[1]:+.3f}, {dt[2]:+.3f}] | {dt[3]:.2f}" if dt else "- | - | -"
-            noise = " (within noise)" if dv[1] <= 0 <= dv[2] and r is not best else ""
-            lines.append(f"| `{r['name']}`{' (itself)' if r is best else ''} | {dv[0]:+.3f}{noise} | "
-                         f"[{dv[1]:+.3f}, {dv[2]:+.3f}] | {dv[3]:.2f} | {test_cells} | {per:.3f} |")
-        lines += [""] + verdict(best, group) + [""] + class_comparison(group) + [""] + heads_comparison(group) + [""]
-    return lines
-
-
-def shown_predictions(run):
-    """(split, its rows of predictions.csv): the test fold's, else the last epoch's validation."""
-    rows = read_csv(run["dir"] / "predictions.csv")
-    split = next(s for s in ("test", "val_final", "val") if any(r["split"] == s for r in rows))
-    return split, [r for r in rows if r["split"] == split]
-
-
-def misclassified(run) -> list:
-    """Every wrong prediction of the test fold (pooled validation where there is none), one row per
-    clip and fold model, and the class pairs confused most often."""
-    split, rows = shown_predictions(run)
-    classes = run["metrics"]["classes"]
-    wrong = [r for r in rows if r["label"] != r["pred"]]
-    n = len(rows)
-    on = {"test": "test fold, every fold model", "val_final": "pooled validation folds, final epoch",
-          "val": "pooled validation folds, best epoch"}[split]
-    lines = [f"### `{run['name']}`: {len(wrong)} of {n} predictions wrong ({on})", "",
-             "| clip | true class | predicted | p(true) | p(predicted) | fold model |", "|---|---|---|---|---|---|"]
-    for r in sorted(wrong, key=lambda r: (r["filename"], int(r["fold"]))):
-        t, p = classes[int(r["label"])], classes[int(r["pred"])]
-        lines.append(f"| {r['filename']} | {t} | {p} | {float(r['p_' + t]):.2f} | {float(r['p_' + p]):.2f} | "
-                     f"{r['fold']} |")
-    pairs = {}
-    for r in wrong:
-        pair = (classes[int(r["label"])], classes[int(r["pred"])])
-        pairs[pair] = pairs.get(pair, 0) + 1
-    top = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return lines + ["", "Most confused (true → predicted): "
-                    + "; ".join(f"{t} → {p} ({c})" for (t, p), c in top) + ".", ""]
-
-
-def tuning_section(root: Path) -> list:
-    """The best settings per architecture, with every trial behind them."""
-    lines = ["## Hyperparameters", ""]
-    tunings = sorted(root.glob("tune-*/best.json"))
-    if not tunings:
-        return lines + ["No tuning has run here: every configuration used the defaults in `config.json`. "
-                        "`python audiotx.py --arch ARCH --tune N --out DIR` tunes on the validation folds "
-                        "and `run.sh` then uses its `best.json`.", ""]
-    for path in tunings:
-        best, trials = json.loads(path.read_text()), read_csv(path.parent / "trials.csv")
-        lines += [f"### {best['arch']}: best validation score {best['score']:.3f} (trial {best['trial']})", "",
-                  "`" + json.dumps(best["hparams"]) + "`", "", "| " + " | ".join(trials[0]) + " |",
-                  "|" + "---|" * len(trials[0])]
-        lines += ["| " + " | ".join(f"{float(v):.4g}" if k == "score" else v for k, v in t.items()) + " |"
-                  for t in trials]
-        lines.append("")
-    return lines
-
-
-def run_figures(run, fig_dir: Path) -> list:
-    """Curves, ROC and confusion SVGs of one configuration; returns the Markdown that shows them."""
-    name, m, classes = run["name"], run["metrics"], run["metrics"]["classes"]
-    hist = {k: np.array([[float(row[k]) for row in h] for h in run["histories"]])  # (k folds, epochs)
-            for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
-    epochs = np.arange(1, hist["val_acc"].shape[1] + 1)
-    band = lambda a: (a.min(0), a.max(0))  # noqa: E731  spread over folds
-    for kind in ("loss", "acc"):
-        svg = svg_lines([(f"{s} {kind}", epochs, hist[f"{s}_{kind}"].mean(0), band(hist[f"{s}_{kind}"]))
-                         for s in ("train", "val")],
-                        title=f"{name}: {kind} per epoch (mean over folds, band = min-max)", xlabel="epoch",
-                        ylabel=kind, x_integer=True)
-        write_text(fig_dir / f"{name}-{kind}.svg", svg)
-    shown = m["test"] or m.get("val_final") or m["val"]
-    roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
-            [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
-    grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
-    macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
-    on = "test" if m["test"] else "pooled validation, final epoch" if "val_final" in m else "pooled validation"
-    write_text(fig_dir / f"{name}-roc.svg", svg_lines(
-        roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
-        title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
-    write_text(fig_dir / f"{name}-confusion.svg", svg_confusion(shown["confusion"], classes, f"{name}: {on}"))
-    return [f"### {name}", "", f"![loss](figures/{name}-loss.svg) ![accuracy](figures/{name}-acc.svg)", "",
-            f"![ROC](figures/{name}-roc.svg) ![confusion matrix](figures/{name}-confusion.svg)", ""]
-
-
-# ----------------------------------------------------------------------------------------
-# tools: Grad-CAM and attention over the clip's spectrogram
-# ----------------------------------------------------------------------------------------
-
-def png(rgb: np.ndarray) -> bytes:
-    """An (H, W, 3) uint8 image as PNG bytes (zlib-compressed rows, each after filter byte 0)."""
-    h, w, _ = rgb.shape
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
-                               + struct.pack(">I", zlib.crc32(tag + data)))
-    rows = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-
-
-def heat_colors(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
-                     float)
-    x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
-    return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
-
-
-def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
-    """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it
-    (curve = (label, values (T,))), and under it one heat-map row per (label, values (T,)) in rows.
-    Curves and rows are each scaled to their own peak."""
-    left, top, w, spec_h, row_h = 70, 30, 600, 160, 18
-    with torch.no_grad():
-        mel = LogMel(sample_rate=sample_rate).eval()(wave[None].float())[0].numpy()  # (F, frames)
-    mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
-    image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
-    h = top + spec_h + row_h * len(rows) + 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
-           'font-family="sans-serif" font-size="11">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">{xml_escape(title)}</text>',
-           f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
-           f'href="data:image/png;base64,{image}"/>',
-           f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
-    if curve is not None:
-        v = np.asarray(curve[1], float) / max(float(np.max(curve[1])), 1e-12)
-        xs = left + (np.arange(len(v)) + 0.5) * w / len(v)
-        pts = " ".join(f"{x:.1f},{top + spec_h * (1 - y):.1f}" for x, y in zip(xs, v))
-        out += [f'<polyline points="{pts}" fill="none" stroke="white" stroke-width="3"/>',
-                f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>',
-                f'<text x="{left + w - 4}" y="{top + 14}" text-anchor="end" fill="white">'
-                f'{xml_escape(curve[0])}</text>']
-    for k, (label, values) in enumerate(rows):
-        v = np.asarray(values, float) / max(float(np.max(values)), 1e-12)
-        y, cell = top + spec_h + 4 + k * row_h, w / len(v)
-        out.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{xml_escape(label)}</text>')
-        out += [f'<rect x="{left + t * cell:.1f}" y="{y}" width="{cell + 0.5:.1f}" height="{row_h - 2}" '
-                f'fill="rgb({c[0]},{c[1]},{c[2]})"/>' for t, c in enumerate(heat_colors(v))]
-    axis = top + spec_h + row_h * len(rows) + 20
-    out += [f'<text x="{left + t / seconds * w:.1f}" y="{axis}" text-anchor="middle">{t:g} s</text>'
-            for t in nice_ticks(0, seconds) if t <= seconds]
-    return "\n".join(out) + "\n</svg>\n"
-
-
-def grad_cam(model, wave, target: int):
-    """Grad-CAM over time at the front end's output: wave (S,) -> (T,) scaled to [0, 1]. Each
-    channel is weighted by its mean gradient of the target logit over time (Selvaraju et al. 2017)."""
-    model.eval()
-    feats = {}
-    handle = model.front.register_forward_hook(lambda module, inputs, out: feats.update(x=out[0]))
-    try:
-        logits = model(wave[None])  # (1, K)
-    finally:
-        handle.remove()
-    x = feats["x"]  # (1, T, C)
-    grad, = torch.autograd.grad(logits[0, target], x)  # (1, T, C)
-    cam = F.relu((grad.mean(1, keepdim=True) * x).sum(2))[0]  # (T,)
-    return (cam / cam.max().clamp_min(1e-12)).detach()
-
-
-@torch.no_grad()
-def cls_attention(model, wave):
-    """The <cls> token's attention over the T frames: per block and head (depth, nh, T), and rolled
-    out over the blocks (T,), with the residual counted as half of each block (Abnar & Zuidema 2020)."""
-    model.eval()
-    model(wave[None])
-    atts = [block.attn.att[0] for block in model.blocks]  # depth x (nh, 1 + T, 1 + T)
-    n = atts[0].shape[-1]
-    eye = torch.eye(n, device=atts[0].device)
-    rollout = eye
-    for att in atts:
-        rollout = (0.5 * att.mean(0) + 0.5 * eye) @ rollout  # (1 + T, 1 + T)
-    return torch.stack([att[:, 0, 1:] for att in atts]), rollout[0, 1:]
-
-
-def fold_model_1(run):
-    """(config, fold model 1) of a finished run; None without its checkpoints (not in git)."""
-    if not (run["dir"] / "fold1" / "model.pt").is_file():
-        return None
-    cfg, _, models = load_fold_models(run["dir"], folds="1")
-    return cfg, models[0]
-
-
-def chosen_clips(run) -> list:
-    """Fold model 1's predictions on two clips per class: its surest right one and surest wrong one."""
-    rows = [r for r in shown_predictions(run)[1] if r["fold"] == "1"]
-    surest = lambda r: max(float(v) for k, v in r.items() if k.startswith("p_"))  # noqa: E731
-    picked = []
-    for label in sorted({r["label"] for r in rows}, key=int):
-        for right in (True, False):
-            pool = [r for r in rows if r["label"] == label and (r["pred"] == label) == right]
-            picked += sorted(pool, key=lambda r: (-surest(r), r["filename"]))[:1]
-    return picked
-
-
-def explain_section(best, runs, fig_dir: Path) -> list:
-    """Grad-CAM of the best configuration's fold-1 model on two clips per class, and the <cls>
-    attention of every transformer of the same split on two of those clips."""
-    lines = ["## What the models attend to", ""]
-    loaded = fold_model_1(best)
-    if loaded is None:
-        return lines + [f"No figures: {best['dir']}/fold1/model.pt is absent (checkpoints stay out of git).", ""]
-    cfg, model = loaded
-    try:
-        ds = load_dataset(dataclasses.replace(cfg, data=cfg.data if Path(cfg.data).expanduser().is_dir() else ""))
-        waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
-    except UserError as e:
-        return lines + [f"No figures: {e}", ""]
-    index = {r["filename"]: i for i, r in enumerate(ds.table)}
-    classes = best["metrics"]["classes"]
-    clips = chosen_clips(best)
-    lines += [f"Grad-CAM at the front end's last layer of `{best['name']}` (fold model 1) over time, on its "
-              "surest right and surest wrong clip of each class, over the clip's log-mel spectrogram.", ""]
-    for r in clips:
-        wave, pred = waves[index[r["filename"]]], int(r["pred"])
-        name = f"gradcam-{best['name']}-{Path(r['filename']).stem}.svg"
-        title = f"{r['filename']}: true {classes[int(r['label'])]}, predicted {classes[pred]}"
-        cam = (f"Grad-CAM ({classes[pred]})", grad_cam(model, wave, pred).numpy())
-        write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, curve=cam))
-        lines.append(f"![Grad-CAM {r['filename']}](figures/{name})")
-    lines += ["", "The `<cls>` token's attention over time in the last block, one row per head, and rolled "
-              "out over all blocks, for every transformer of the same split on the same two clips:", ""]
-    for run in (r for r in runs if split_label(r["config"]) == split_label(best["config"])
-                and r["config"]["arch"] == "transformer"):
-        loaded = fold_model_1(run)
-        for r in clips[:2] if loaded else []:
-            wave = waves[index[r["filename"]]]
-            per_head, rollout = cls_attention(loaded[1], wave)
-            rows = [(f"head {h + 1}", a.numpy()) for h, a in enumerate(per_head[-1])] + [("rollout", rollout.numpy())]
-            name = f"attention-{run['name']}-{Path(r['filename']).stem}.svg"
-            title = f"{run['name']}: {r['filename']} (true {classes[int(r['label'])]})"
-            write_text(fig_dir / name, svg_spectrogram(wave, cfg.sample_rate, cfg.clip_seconds, title=title, rows=rows))
-            lines.append(f"![attention {run['name']} {r['filename']}](figures/{name})")
-    return lines + [""]
-
-
-def write_report(root: Path) -> Path:
-    """REPORT.md and figures/*.svg in root, from every finished configuration below it."""
-    runs = load_runs(root)
-    if not runs:
-        raise UserError(f"{root}: no finished configuration found (no */metrics.json); run bash run.sh first")
-    fig_dir = root / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    lines = ["# audiotx report", "",
-             f"Written by `python audiotx.py --report {root}` from the files of {len(runs)} finished "
-             f"configuration(s) in this folder. Accuracy is a fraction of clips; ± is the standard deviation "
-             f"over the fold models. Macro F1 and AUC are on the test fold (every fold model's predictions "
-             f"pooled), or on the pooled out-of-fold validation predictions where there is no test fold.", "",
-             "## Every configuration", ""] + config_table(runs) + [""]
-    lines += analysis(runs) + tuning_section(root)
-    lines += ["## Misclassified clips of each split's best configuration", ""]
-    bests = list(best_per_split(runs).values())
-    for best in bests:
-        lines += misclassified(best)
-    # the figures for the course split's best configuration (the one with a test fold), else the first
-    lines += explain_section(max(bests, key=lambda r: r["config"]["test_fold"] > 0), runs, fig_dir)
-    lines += ["## Curves, ROC and confusion matrices", ""]
-    for run in runs:
-        lines += run_figures(run, fig_dir)
-    urls = [u for r in runs if (r["dir"] / "wandb_urls.txt").is_file()
-            for u in (r["dir"] / "wandb_urls.txt").read_text().split()]
-    if urls:
-        lines += ["## Weights & Biases runs", ""] + [f"- {u}" for u in urls] + [""]
-    write_text(root / "REPORT.md", "\n".join(lines))
-    print(f"wrote {root / 'REPORT.md'} and {len(list(fig_dir.glob('*.svg')))} figures")
-    return root / "REPORT.md"
 
 
 if __name__ == "__main__":

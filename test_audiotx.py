@@ -5,6 +5,7 @@ data and splits on the real ESC-10 csv, and the command end to end on real and s
 """
 
 import csv
+import fcntl
 import http.server
 import io
 import json
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import audiotx
+import report
 
 HERE = Path(__file__).resolve().parent
 REAL_DATA = HERE.parent / "shared" / "data" / "ESC-10"
@@ -212,7 +214,7 @@ def test_param_counts_split_trainable_frozen_and_buffers():
 
 
 def test_mel_filterbank_and_log_mel_find_a_tone():
-    fb = audiotx.mel_filterbank(16000, 1024, 64)  # (513, 64)
+    fb = report.mel_filterbank(16000, 1024, 64)  # (513, 64)
     freqs = np.linspace(0, 8000, 513)
     mel = 2595 * np.log10(1 + freqs / 700)
     centres = freqs[fb.argmax(0).numpy()]
@@ -220,10 +222,9 @@ def test_mel_filterbank_and_log_mel_find_a_tone():
     assert (np.diff(centres) >= 0).all()  # filters in rising order
     spacing = np.diff(2595 * np.log10(1 + centres[8:] / 700))  # evenly spaced in mel, away from the coarse bottom
     assert spacing.std() < 0.25 * spacing.mean() and mel[-1] / 64 * 0.7 < spacing.mean() < mel[-1] / 64 * 1.3
-    torch.manual_seed(0)
-    logmel = audiotx.LogMel(sample_rate=16000).eval()
     t = torch.arange(16000) / 16000
-    out = logmel(torch.stack([torch.sin(2 * math.pi * 1000 * t), torch.sin(2 * math.pi * 3000 * t)]))
+    out = report.log_mel(torch.stack([torch.sin(2 * math.pi * 1000 * t), torch.sin(2 * math.pi * 3000 * t)]),
+                          16000)
     assert out.shape == (2, 64, 16000 // 256 + 1)
     for row, f in zip(out, (1000, 3000)):  # the loudest band is the one whose filter peaks nearest the tone
         assert abs(int(row.mean(1).argmax()) - int(np.abs(centres - f).argmin())) <= 1
@@ -249,7 +250,7 @@ def test_logwave_stem_turns_a_gain_into_a_shift():
 
 def conv1d_front(front, wave, training: bool):
     """The front end's layers as plain (B, C, L) conv1d, max_pool1d and batch_norm, sharing its weights."""
-    x = front.mel(wave) if front.mel else wave[:, None]
+    x = wave[:, None]
     for i, (conv, norm, (*_, pool)) in enumerate(zip(front.convs, front.norms, front.plan)):
         x = F.conv1d(x, conv.weight, stride=conv.stride, padding=conv.padding)
         x = x.abs() if front.log_stem and i == 0 else x
@@ -260,7 +261,7 @@ def conv1d_front(front, wave, training: bool):
     return x.transpose(1, 2)  # (B, T, C)
 
 
-@pytest.mark.parametrize("features", ["wave", "logwave", "logmel"])
+@pytest.mark.parametrize("features", ["wave", "logwave"])
 def test_front_end_computes_what_plain_conv1d_layers_do(features):
     """The front end runs its layers as 2-D ops on channels-last (B, C, 1, L) and its stem as a
     product of frames, for speed: outputs and weight gradients must match conv1d, max_pool1d and
@@ -306,7 +307,7 @@ def test_grad_cam_peaks_where_the_class_evidence_is():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2  # it learned the task, so the check below is about localisation
-    cam = audiotx.grad_cam(model, burst_clip(g, 1000, 16000), target=1)
+    cam = report.grad_cam(model, burst_clip(g, 1000, 16000), target=1)
     frame = 2.0 / len(cam)  # seconds per front-end frame
     peak = (cam.argmax().item() + 0.5) * frame
     assert cam.max() == 1 and cam.min() >= 0
@@ -316,7 +317,7 @@ def test_grad_cam_peaks_where_the_class_evidence_is():
 def test_cls_attention_per_head_and_rollout():
     torch.manual_seed(0)
     model = audiotx.AudioTransformer(dim=16, heads=4, depth=3, n_classes=3, n_samples=16384, dropout=0.0)
-    per_head, rollout = audiotx.cls_attention(model, torch.randn(16384))
+    per_head, rollout = report.cls_attention(model, torch.randn(16384))
     T = model.front.out_len(16384)
     assert per_head.shape == (3, 4, T) and rollout.shape == (T,)
     assert (per_head.sum(-1) <= 1 + 1e-6).all() and (per_head >= 0).all()
@@ -1122,12 +1123,13 @@ def test_another_configuration_or_a_live_lock_is_refused(quick, capsys):
     run_dir = next(Path(args[3]).glob("*"))
     code, out, _ = cli(args, capsys)
     assert code == 0 and "complete; nothing to do" in out
-    (run_dir / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    assert_one_line_error(*cli(args + ["--restart"], capsys)[::2], "another run")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (run_dir / ".lock").write_text(str(dead.pid))  # a killed run's lock is taken over
-    assert cli(args + ["--restart"], capsys)[0] == 0 and not (run_dir / ".lock").exists()
+    with open(run_dir / ".lock", "a") as held:  # a live run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert_one_line_error(*cli(args + ["--restart"], capsys)[::2], "another run")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); os._exit(9)", str(run_dir / ".lock")])
+    assert holder.wait() == 9  # a run killed while holding it leaves no lock behind
+    assert cli(args + ["--restart"], capsys)[0] == 0
 
 
 # ---- every configuration, and the report ----
@@ -1144,11 +1146,11 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
     assert names == sorted([f"{a}-test{t}-k4" for a in ("cnn", "transformer-h1", "transformer-h2",
                                                         "transformer-h4") for t in (0, 1)])
     assert "== configuration 8/8" in res.stdout
-    report = (tmp_path / "runs" / "REPORT.md").read_text()
-    for section in ("## Every configuration", "## Analysis", "Per-class F1", "Heads, by validation accuracy",
+    text = (tmp_path / "runs" / "REPORT.md").read_text()
+    for section in ("## Every configuration", "## Analysis", "Per-class F1", "Heads, by final-epoch validation accuracy",
                     "## Curves, ROC and confusion matrices", "test fold 1, k=4: best is", "no test fold, k=4: best is",
                     "## Misclassified clips", "Most confused", "## What the models attend to"):
-        assert section in report
+        assert section in text
     figures = list((tmp_path / "runs" / "figures").glob("*.svg"))
     kinds = [svg.name.split("-")[0] for svg in figures]
     assert len(figures) - kinds.count("gradcam") - kinds.count("attention") == 8 * 4  # curves, ROC, confusion
@@ -1156,7 +1158,7 @@ def test_run_sh_trains_every_configuration_resumes_and_reports(tmp_path):
     assert kinds.count("gradcam") == 3 and kinds.count("attention") == 3 * 2
     for svg in figures:
         assert ET.parse(svg).getroot().tag.endswith("svg")
-        assert f"figures/{svg.name}" in report
+        assert f"figures/{svg.name}" in text
         if svg.stem.endswith(("-acc", "-loss")):  # each axis's numeric labels: a round step, whole epochs
             ticks = {axis: [float(t.text) for t in ET.parse(svg).getroot().iter() if t.get("class") == axis]
                      for axis in ("x", "y")}
@@ -1197,14 +1199,14 @@ def test_axis_ticks_are_round_and_cover_the_data(lo, hi):
 def test_spectrogram_view_embeds_the_picture_it_was_given():
     """The PNG inside an SVG view decodes (zlib, by the PNG layout) back to the exact pixels."""
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    data = audiotx.png(rgb)
+    data = report.png(rgb)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     idat_len = struct.unpack(">I", data[33:37])[0]
     rows = zlib.decompress(data[41:41 + idat_len])
     assert (width, height) == (7, 5) and rows[::22] == b"\x00" * 5  # one filter byte before each row
     assert np.array_equal(np.frombuffer(rows, np.uint8).reshape(5, 22)[:, 1:].reshape(5, 7, 3), rgb)
-    svg = audiotx.svg_spectrogram(torch.randn(16000), 16000, 1.0, title="t", curve=("c", np.ones(8)),
+    svg = report.svg_spectrogram(torch.randn(16000), 16000, 1.0, title="t", curve=("c", np.ones(8)),
                                   rows=[("head 1", np.arange(8.0))])
     assert svg.count("data:image/png;base64,") == 1 and svg.count("<rect") == 1 + 8  # background + 8 cells
 
@@ -1356,7 +1358,7 @@ def test_urbansound8k_layout_clips_of_many_lengths_train(tmp_path, monkeypatch, 
     assert audiotx.main(["--data", str(write_dataset(tmp_path / "esc")), "--dataset", "urbansound8k"]) == 2
 
 
-@pytest.mark.parametrize("features", ["wave", "logwave", "logmel"])
+@pytest.mark.parametrize("features", ["wave", "logwave"])
 @pytest.mark.parametrize("arch", ["cnn", "transformer"])
 def test_padding_never_changes_the_logits(arch, features):
     torch.manual_seed(0)
