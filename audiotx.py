@@ -112,7 +112,7 @@ class Config:
     mixup: float = 0.4           # Beta(a, a) mixing of clip pairs; 0 = off
     shift: bool = True           # random circular time shift of each training clip
     gain_db: float = 6.0         # random gain in [-gain_db, +gain_db] dB
-    stretch: float = 0.0         # each batch played at a random speed in [1 - s, 1 + s]; 0 = off
+    stretch: float = 0.2         # each batch played at a random speed in [1 - s, 1 + s]; 0 = off
     select: str = "best"         # best | final: each fold keeps its best validation epoch or last
     seed: int = 0                # fold i is seeded with seed + i
     threads: int = 0             # torch CPU threads; 0 = torch's default

@@ -737,7 +737,7 @@ def test_augment_keeps_shapes_and_mixes_targets():
     assert torch.isfinite(silent).all() and silent.abs().max() == 0
     # shift alone: each row is its clip rotated by some amount, and the amounts differ
     wave = torch.arange(6 * 100.0).view(6, 100)
-    alone = audiotx.Config(mixup=0, gain_db=0)
+    alone = audiotx.Config(mixup=0, gain_db=0, stretch=0)
     shifted, _, _ = audiotx.augment(wave, torch.zeros(6, dtype=torch.long), 3, alone)
     amounts = [int(row[0] - start) % 100 for row, start in zip(shifted, wave[:, 0])]
     for row, clip, k in zip(shifted, wave, amounts):
@@ -751,7 +751,7 @@ def test_augment_keeps_shapes_and_mixes_targets():
     for row, clip, m in zip(shifted, padded, lengths.tolist()):
         k = int(row[0] - clip[0]) % m
         assert torch.equal(row[:m], clip[:m].roll(-k)) and row[m:].abs().sum() == 0
-    _, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0.4), lengths)
+    _, _, n = audiotx.augment(padded, torch.zeros(6, dtype=torch.long), 3, audiotx.Config(mixup=0.4, stretch=0), lengths)
     assert (n >= lengths).all() and set(n.tolist()) <= set(lengths.tolist())  # a mixed pair fills the longer's
 
 
@@ -1424,7 +1424,7 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for f in (root / "audio").glob("*.wav"):
         scipy.io.wavfile.write(f, 8000, noise)
     flags = ["--data", str(root), "--sample-rate", "8000", "--clip-seconds", "1", "--kfold", "2", "--epochs", "2",
-             "--dim", "16", "--batch-size", "8", "--mixup", "0", "--no-shift", "--gain-db", "0", "--dropout", "0",
+             "--dim", "16", "--batch-size", "8", "--mixup", "0", "--no-shift", "--gain-db", "0", "--stretch", "0", "--dropout", "0",
              "--precision", "fp32", "--threads", "1"]
     env = {**os.environ, "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
