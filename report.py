@@ -316,13 +316,10 @@ def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve
     mel = (mel - mel.min()) / max(np.ptp(mel), 1e-9)
     image = base64.b64encode(png(heat_colors(mel[::-1]))).decode()
     h = top + spec_h + row_h * len(rows) + 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + w + 20}" height="{h}" '
-           'font-family="sans-serif" font-size="11">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">{escape(title)}</text>',
-           f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
-           f'href="data:image/png;base64,{image}"/>',
-           f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
+    out = svg_open(left + w + 20, h, title) + [
+        f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
+        f'href="data:image/png;base64,{image}"/>',
+        f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>']
     if curve is not None:
         v = np.asarray(curve[1], float) / max(float(np.max(curve[1])), 1e-12)
         xs = left + (np.arange(len(v)) + 0.5) * w / len(v)
