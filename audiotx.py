@@ -1702,10 +1702,10 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
         fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
-    (waves, lengths), (_, val_idx), test_idx = clips, ds.splits[fold - 1], ds.test_idx
-    model, epoch, history, final_val = train_fold(cfg, waves, ds.labels, ds.splits[fold - 1], fold,
-                                                  fold_dir, len(ds.classes), tracker, progress,
-                                                  lengths)
+    (waves, lengths), split, test_idx = clips, ds.splits[fold - 1], ds.test_idx
+    val_idx = split[1]
+    model, epoch, history, final_val = train_fold(cfg, waves, ds.labels, split, fold, fold_dir,
+                                                  len(ds.classes), tracker, progress, lengths)
     on = lambda idx: predict(model, waves[idx], cfg.precision,  # noqa: E731
                              None if lengths is None else lengths[idx])
     res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history),
