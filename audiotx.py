@@ -362,12 +362,22 @@ def to_device(t):
 # files: atomic writes, csv, json, checkpoints, where the code and data came from
 # ----------------------------------------------------------------------------------------
 
+def replace_with(path: Path, write):
+    """write(tmp) to a temporary name beside path, then rename it to path: a reader never sees
+    half a file, and a failed write leaves none behind. The temporary name keeps path's suffix,
+    which np.save would otherwise append."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text(path: Path, text: str):
-    if not WORKER.main:
-        return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Under torchrun only rank 0 writes files (here and in save_atomic)."""
+    if WORKER.main:
+        replace_with(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj):
@@ -388,13 +398,8 @@ def read_csv(path: Path) -> list:
 
 
 def save_atomic(obj, path: Path):
-    """torch.save to a temporary name, then rename: a reader never sees half a file. Under
-    torchrun only rank 0 writes files (here and in write_text)."""
-    if not WORKER.main:
-        return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    if WORKER.main:
+        replace_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checked(path: Path):
@@ -795,9 +800,7 @@ def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
     waves, kept = decode_clips(data_dir, table, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     for array, final in [(kept, lengths_path), (waves, path)]:  # the waves' file marks it whole
-        tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, array)
-        os.replace(tmp, final)
+        replace_with(final, lambda tmp: np.save(tmp, array))
     return clips_and_lengths(waves, kept)
 
 

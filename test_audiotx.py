@@ -452,6 +452,21 @@ def test_esc50_layout_gives_esc10_by_default_and_50_classes_with_subset_esc50(tm
     assert len(fifty.test_idx) == 50 and all(fifty.table[i]["fold"] == 1 for i in fifty.test_idx)
 
 
+def test_replace_with_writes_the_exact_name_and_a_failed_write_keeps_the_old_file(tmp_path):
+    a = np.arange(3, dtype=np.float32)
+    audiotx.replace_with(tmp_path / "a.npy", lambda tmp: np.save(tmp, a))  # no second ".npy"
+    audiotx.write_text(tmp_path / "b.txt", "whole")
+
+    def half(tmp):
+        tmp.write_text("ha")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        audiotx.replace_with(tmp_path / "b.txt", half)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.txt"]
+    assert np.array_equal(np.load(tmp_path / "a.npy"), a)
+    assert (tmp_path / "b.txt").read_text() == "whole"
+
+
 def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     root, table, cfg, first, path = cached
     assert path.is_file() and first.shape == (6, 8000)
