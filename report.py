@@ -3,26 +3,29 @@ The report of audiotx: REPORT.md and SVG figures from the files that finished ru
 Grad-CAM and attention views of fold models over the clips' log-mel spectrograms.
 
     python audiotx.py --report results     # every finished configuration under results/
+    python report.py results               # the same
 
 It reads what audiotx.py wrote (config.json, metrics.json, predictions.csv, roc.csv,
-fold<i>/history.csv, and fold<i>/model.pt for the views) and trains nothing; audiotx.py imports
-it only for --report.
+fold<i>/history.csv, and fold<i>/model.pt for the views) and trains nothing. audiotx.py's main
+imports this module for --report.
 """
 
 import base64
 import dataclasses
 import json
-import struct
-import zlib
+import sys
 from html import escape
 from pathlib import Path
+
+import audiotx  # before torch: it sets OpenMP's spin count, which torch reads once
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audiotx import (UserError, load_clips, load_dataset, load_fold_models, nice_ticks, paired,
-                     read_csv, svg_open, svg_lines, write_text)
+from audiotx import (UserError, load_clips, load_dataset, load_fold_models, paired, read_csv,
+                     scored_split, write_text)
+from plot import heat_colors, nice_ticks, png, svg_lines, svg_open
 
 # ----------------------------------------------------------------------------------------
 # REPORT.md, its tables and figures
@@ -74,12 +77,12 @@ def headline(run) -> dict:
     (optimistic); F1 and AUC on the test fold, else on the final epoch's validation."""
     m, folds = run["metrics"], run["metrics"]["folds"]
     val = [float(h[-1]["val_acc"]) for h in run["histories"]]
-    shown = m["test"] or m["val_final"]
+    scored = m[scored_split(m["test"])]
     return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "val_folds": val,
             "best_mean": float(np.mean([f["val"]["accuracy"] for f in folds])),
             "test_folds": [f["test"]["accuracy"] for f in folds] if m["test"] else None,
-            "f1": shown["macro_f1"], "auc": shown["macro_auc"],
-            "on": "test" if m["test"] else "val, final epoch"}
+            "f1": scored["macro_f1"], "auc": scored["macro_auc"],
+            "scored_on": "test" if m["test"] else "val, final epoch"}
 
 
 def split_label(config) -> str:
@@ -99,7 +102,7 @@ def config_table(runs) -> list:
         lines.append(f"| {r['name']} | {c['arch']} | {heads} | {split_label(c)} | "
                      f"{m['params']['trainable']:,} | {m['params']['non_trainable']:,} | "
                      f"{h['val_mean']:.3f} ± {h['val_std']:.3f} | {h['best_mean']:.3f} | {test} | "
-                     f"{ens} | {h['f1']:.3f} | {h['auc']:.3f} | {h['on']} | "
+                     f"{ens} | {h['f1']:.3f} | {h['auc']:.3f} | {h['scored_on']} | "
                      f"{m['seconds'] / 60:.1f} |")
     return lines
 
@@ -190,21 +193,21 @@ def analysis(runs) -> list:
     return lines
 
 
-def shown_predictions(run):
+def scored_predictions(run):
     """(split, its rows of predictions.csv): the test fold's, else the last epoch's validation."""
     rows = read_csv(run["dir"] / "predictions.csv")
-    split = "test" if run["metrics"]["test"] else "val_final"
+    split = scored_split(run["metrics"]["test"])
     return split, [r for r in rows if r["split"] == split]
 
 
 def misclassified(run) -> list:
     """Every wrong prediction of the test fold (pooled validation where there is none), one row
     per clip and fold model, and the class pairs confused most often."""
-    split, rows = shown_predictions(run)
+    split, rows = scored_predictions(run)
     classes = run["metrics"]["classes"]
     wrong = [r for r in rows if r["label"] != r["pred"]]
-    on = "test fold, every fold model" if split == "test" else "pooled validation, final epoch"
-    lines = [f"### `{run['name']}`: {len(wrong)} of {len(rows)} predictions wrong ({on})", "",
+    which = "test fold, every fold model" if split == "test" else "pooled validation, final epoch"
+    lines = [f"### `{run['name']}`: {len(wrong)} of {len(rows)} predictions wrong ({which})", "",
              "| clip | true class | predicted | p(true) | p(predicted) | fold model |",
              "|---|---|---|---|---|---|"]
     pairs = {}
@@ -249,16 +252,18 @@ def run_figures(run, fig_dir: Path) -> list:
         write_text(fig_dir / f"{name}-{kind}.svg", svg_lines(
             series, title=f"{name}: {kind} per epoch (mean over folds, band = min-max)",
             xlabel="epoch", ylabel=kind, x_integer=True))
-    shown, on = (m["test"], "test") if m["test"] else (m["val_final"], "validation, final epoch")
+    scored = m[scored_split(m["test"])]
+    scored_on = "test" if m["test"] else "validation, final epoch"
     roc = [(c, [float(r["fpr"]) for r in run["roc"] if r["class"] == c],
             [float(r["tpr"]) for r in run["roc"] if r["class"] == c], None) for c in classes]
     grid = np.linspace(0, 1, 101)  # macro average: each class's ROC interpolated on one fpr grid
     macro = np.mean([np.interp(grid, fpr, tpr) for _, fpr, tpr, _ in roc], axis=0)
     write_text(fig_dir / f"{name}-roc.svg", svg_lines(
-        roc + [(f"macro (AUC {shown['macro_auc']:.3f})", grid, macro, None)],
-        title=f"{name}: ROC on {on}", xlabel="false positive rate", ylabel="true positive rate"))
+        roc + [(f"macro (AUC {scored['macro_auc']:.3f})", grid, macro, None)],
+        title=f"{name}: ROC on {scored_on}", xlabel="false positive rate",
+        ylabel="true positive rate"))
     write_text(fig_dir / f"{name}-confusion.svg",
-               svg_confusion(shown["confusion"], classes, f"{name}: {on}"))
+               svg_confusion(scored["confusion"], classes, f"{name}: {scored_on}"))
     return [f"### {name}", "",
             f"![loss](figures/{name}-loss.svg) ![accuracy](figures/{name}-acc.svg)", "",
             f"![ROC](figures/{name}-roc.svg) ![confusion matrix](figures/{name}-confusion.svg)", ""]
@@ -287,25 +292,6 @@ def log_mel(wave, sample_rate: int, n_fft: int = 1024, hop: int = 256, n_mels: i
     spec = torch.stft(wave.float(), n_fft, hop, window=torch.hann_window(n_fft),
                       return_complex=True)  # (B, F, frames)
     return torch.log(mel_filterbank(sample_rate, n_fft, n_mels).t() @ spec.abs().square() + 1e-6)
-
-def png(rgb: np.ndarray) -> bytes:
-    """An (H, W, 3) uint8 image as PNG bytes (zlib-compressed rows, each after filter byte 0)."""
-    h, w, _ = rgb.shape
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
-                               + struct.pack(">I", zlib.crc32(tag + data)))
-    rows = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-
-
-def heat_colors(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> (..., 3) uint8 colours from dark blue through green to yellow."""
-    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
-                     float)
-    x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
-    return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
-
 
 def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
     """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it
@@ -363,8 +349,8 @@ def cls_attention(model, wave):
     """The <cls> token's attention over the T frames: per block and head (depth, nh, T), and rolled
     out over the blocks (T,), the residual counted as half of each block (Abnar & Zuidema 2020)."""
     model.eval()
-    model(wave[None])
-    atts = [block.attn.att[0] for block in model.blocks]  # depth x (nh, 1 + T, 1 + T)
+    _, atts = model(wave[None], attention=True)
+    atts = [att[0] for att in atts]  # depth x (nh, 1 + T, 1 + T)
     n = atts[0].shape[-1]
     eye = torch.eye(n, device=atts[0].device)
     rollout = eye
@@ -383,7 +369,7 @@ def fold_model_1(run):
 
 def chosen_clips(run) -> list:
     """Fold model 1's predictions on two clips per class: its surest right and surest wrong."""
-    rows = [r for r in shown_predictions(run)[1] if r["fold"] == "1"]
+    rows = [r for r in scored_predictions(run)[1] if r["fold"] == "1"]
     surest = lambda r: max(float(v) for k, v in r.items() if k.startswith("p_"))  # noqa: E731
     picked = []
     for label in sorted({r["label"] for r in rows}, key=int):
@@ -472,3 +458,10 @@ def write_report(root: Path) -> Path:
     print(f"wrote {root / 'REPORT.md'} and {len(list(fig_dir.glob('*.svg')))} figures")
     return root / "REPORT.md"
 
+
+def command(cfg: audiotx.Config):
+    write_report(Path(cfg.report))
+
+
+if __name__ == "__main__":
+    sys.exit(audiotx.run_command(audiotx.parse_args(["--report", *sys.argv[1:]]), command))
