@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -55,17 +54,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import decode
 import fetch
+import layouts
 from logs import Tracker, print_progress_factory, print_summary, wandb_mode
 from processes import (WORKER, DeviceError, all_sum, barrier, gather_rows, rng_states,
                        set_rng_states, start_processes, stop_processes, to_device)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
-ESC_NAME = re.compile(r"^(\d+)-(\w+)-([A-Za-z]+)-(\d+)\.wav$")  # {fold}-{src}-{take}-{target}.wav
 CACHE_VERSION = 2  # bump when the cached waveform format changes
-ESC10 = {0: "dog", 1: "rooster", 10: "rain", 11: "sea_waves", 12: "crackling_fire",  # target: name
-         20: "crying_baby", 21: "sneezing", 38: "clock_tick", 40: "helicopter", 41: "chainsaw"}
 
 
 class UserError(Exception):
@@ -99,7 +97,7 @@ class Config:
     dim: int = flag(128, "channels out of the front end = transformer width")
     dropout: float = flag(0.1, "in attention, MLPs and heads")
     # data
-    data: str = flag("", "dataset folder or zip; else $AUDIOTX_DATA, else found or fetched")
+    data: str = flag("", "dataset folder, labels table or zip; else $AUDIOTX_DATA, or fetched")
     dataset: str = flag("auto", "the folder's layout", choices=["auto", "esc", "urbansound8k"])
     subset: str = flag("esc10", "which rows of meta/esc50.csv", choices=["esc10", "esc50"])
     sample_rate: int = flag(16000, "Hz after resampling")
@@ -141,7 +139,7 @@ class Config:
     tune: int = flag(0, "tune --arch on N random settings (successive halving); 0 = train")
     hparams: str = flag("", "JSON file of settings (a tuning's best.json); flags still win")
     bench: bool = flag(False, "time every architecture on random clips, train nothing")
-    predict: list = flag([], "WAV files or folders to classify")
+    predict: list = flag([], "audio files or folders to classify")
     run: str = flag("", "--predict with this run's fold models; default: the shipped model")
     json: bool = flag(False, "--predict: one JSON object per file on stdout")
 
@@ -346,8 +344,11 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# data: reading wavs, the metadata table, finding the dataset, caching, folds
+# data: reading audio, finding the dataset, caching, folds (the tables: layouts.py)
 # ----------------------------------------------------------------------------------------
+
+MAX_HOURS = 4  # the most audio one file may decode to, so a damaged header cannot fill memory
+
 
 def read_wav(path):
     """scipy's (sample rate, samples (S,) or (S, channels)); a broken file is a UserError."""
@@ -363,6 +364,22 @@ def read_wav(path):
     if any("EOF" in str(w.message) for w in caught):  # scipy reads a truncated file with a warning
         raise UserError(f"{path}: truncated (the data chunk is shorter than its header says)")
     return rate, data
+
+
+def read_audio(path) -> tuple:
+    """(sample rate, samples (S,) or (S, channels)) of an audio file: WAV through scipy, any other
+    format through ffmpeg. A rate that cannot be sound, or more audio than MAX_HOURS, is refused."""
+    try:
+        wav = Path(path).suffix.lower() in (".wav", ".wave")
+        rate, data = read_wav(path) if wav else decode.decode(path, MAX_HOURS)
+    except decode.DecodeError as e:
+        raise UserError(str(e)) from None
+    if rate < 1000:
+        raise UserError(f"{path}: a sample rate of {rate} Hz in its header; sound needs 1000 or "
+                        "more (a damaged or mislabelled file?)")
+    if len(data) > rate * MAX_HOURS * 3600:
+        raise UserError(f"{path}: more than {MAX_HOURS} hours of audio; cut it into shorter files")
+    return int(rate), data
 
 
 def to_mono_float(path, data):
@@ -387,108 +404,10 @@ def to_mono_float(path, data):
     return wave.astype(np.float32)
 
 
-def load_wav(path):
-    """Read a PCM or float WAV; return (float32 mono wave in [-1, 1], sample rate)."""
-    rate, data = read_wav(path)
-    return to_mono_float(path, data), int(rate)
-
-
-def read_meta(path: Path) -> list:
-    """A metadata table as (line number, {column: value}), names and values stripped, read the same
-    after a spreadsheet saved it: a byte-order mark, Windows line ends, quoted fields, ';' as the
-    separator, empty rows, columns in another order or added."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:  # a spreadsheet's own 8-bit encoding; the columns we read are ASCII
-        text = raw.decode("cp1252", errors="replace")
-    first = text.split("\n", 1)[0]
-    separator = ";" if first.count(";") > first.count(",") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
-    header = [h.strip() for h in next(reader, [])]
-    return [(reader.line_num, dict(zip(header, [c.strip() for c in cells] + [""] * len(header))))
-            for cells in reader if any(c.strip() for c in cells)]
-
-
-def check_columns(meta: Path, numbered: list, needed: set):
-    missing = needed - set(numbered[0][1] if numbered else {})
-    if missing:
-        raise UserError(f"{meta}: missing column(s) {', '.join(sorted(missing))}")
-
-
-def table_row(data_dir: Path, meta: Path, line: int, filename: str, fold: str, category: str,
-              src: str, columns=("filename", "category")) -> dict:
-    """One clip of the table; columns name the file's and the class's columns for the errors."""
-    if not (data_dir / "audio" / filename).is_file():
-        raise UserError(f"{meta} row {line}, column {columns[0]}: audio/{filename} does not exist")
-    if not category:
-        raise UserError(f"{meta} row {line}, column {columns[1]}: empty")
-    if not fold.isdigit() or int(fold) < 1:
-        raise UserError(f"{meta} row {line}, column fold: {fold!r} is not a positive whole number")
-    return {"filename": filename, "fold": int(fold), "category": category, "src_file": src}
-
-
-def checked_table(meta: Path, table: list, what: str) -> list:
-    if len({r["category"] for r in table}) < 2:
-        raise UserError(f"{meta}: fewer than two classes in the {what} rows")
-    return sorted(table, key=lambda r: r["filename"])
-
-
-def rows_from_names(data_dir: Path, meta: Path) -> list:
-    """Without meta/esc50.csv, the table from ESC-50 names, {fold}-{src}-{take}-{target}.wav."""
-    names = sorted(p.name for p in (data_dir / "audio").glob("*.wav"))
-    bad = [n for n in names if not ESC_NAME.match(n)]
-    if not names or bad:
-        what = "audio/" + bad[0] if bad else "audio/ holds no .wav file and"
-        raise UserError(f"{meta}: missing, and {what} does not follow ESC-50's "
-                        "{fold}-{src}-{take}-{target}.wav names to stand in for it")
-    print(f"warning: {meta} is missing; folds, sources and classes come from the file names")
-    parts = [ESC_NAME.match(n).groups() for n in names]  # (fold, src, take, target)
-    rows = [{"filename": n, "fold": p[0], "src_file": p[1],
-             "category": ESC10.get(int(p[3]), f"target{int(p[3]):02d}")}
-            for n, p in zip(names, parts)]
-    if len({p[3] for p in parts}) > len(ESC10):  # a full ESC-50 folder: mark its ESC-10 rows
-        for row, p in zip(rows, parts):
-            row["esc10"] = str(int(p[3]) in ESC10)
-    return rows
-
-
-def read_esc(data_dir: Path, subset: str) -> list:
-    """Rows of meta/esc50.csv (or ESC-50 file names without it): audio/<filename>."""
-    meta = data_dir / "meta" / "esc50.csv"
-    if meta.is_file():
-        numbered = read_meta(meta)
-    else:
-        numbered = list(enumerate(rows_from_names(data_dir, meta), 2))
-    check_columns(meta, numbered, {"filename", "fold", "category"})
-    if subset == "esc10" and "esc10" in numbered[0][1]:
-        numbered = [(line, r) for line, r in numbered if r["esc10"].lower() == "true"]
-    table = []
-    for line, r in numbered:
-        match = ESC_NAME.match(r["filename"])
-        src = r.get("src_file") or (match.group(2) if match else r["filename"])
-        table.append(table_row(data_dir, meta, line, r["filename"], r["fold"], r["category"], src))
-    return checked_table(meta, table, subset)
-
-
-def read_urbansound(data_dir: Path, meta: Path) -> list:
-    """Rows of metadata/UrbanSound8K.csv: audio/fold<k>/<slice_file_name>, with the freesound
-    recording (fsID) a slice was cut from as its source, so no recording crosses a split."""
-    if not meta.is_file():
-        raise UserError(f"{meta}: missing (--dataset urbansound8k expects it and audio/fold<k>/)")
-    numbered = read_meta(meta)
-    check_columns(meta, numbered, {"slice_file_name", "fsID", "fold", "class"})
-    table = [table_row(data_dir, meta, line, f"fold{r['fold']}/{r['slice_file_name']}", r["fold"],
-                       r["class"], r["fsID"], ("slice_file_name", "class")) for line, r in numbered]
-    return checked_table(meta, table, "UrbanSound8K")
-
-
-def read_table(data_dir: Path, subset: str, dataset: str = "auto") -> list:
-    """The folder's table: rows (filename under audio/, fold, category, src_file), by filename."""
-    us8k = data_dir / "metadata" / "UrbanSound8K.csv"
-    if dataset == "urbansound8k" or (dataset == "auto" and us8k.is_file()):
-        return read_urbansound(data_dir, us8k)
-    return read_esc(data_dir, subset)
+def load_audio(path):
+    """Read an audio file of any format; return (float32 mono wave in [-1, 1], sample rate)."""
+    rate, data = read_audio(path)
+    return to_mono_float(path, data), rate
 
 
 def cache_root() -> Path:
@@ -498,24 +417,27 @@ def cache_root() -> Path:
 def check_esc50(root: Path):
     """What an unpacked ESC-50 must pass before it is used: every clip its table lists (all 50
     classes, not only ESC-10's) is a readable WAV."""
-    for r in read_table(root, "esc50"):
+    try:
+        rows = layouts.read_esc(root, "esc50")
+    except layouts.LayoutError as e:
+        raise UserError(str(e)) from None
+    for r in rows:
         read_wav(root / "audio" / r["filename"])
 
 
 def find_data(arg: str) -> Path:
-    """--data (a folder or a zip), else $AUDIOTX_DATA, else the first default folder that exists,
-    else ESC-50 fetched earlier, else ESC-50 fetched now."""
+    """--data (a folder, a labels table or a zip), else $AUDIOTX_DATA, else the first default
+    folder that exists, else ESC-50 fetched earlier, else ESC-50 fetched now."""
     given = arg or os.environ.get("AUDIOTX_DATA", "")
     try:
         if given:
             path = Path(given).expanduser()
             if path.is_file() and zipfile.is_zipfile(path):
                 return fetch.unpack_once(path, cache_root(), check_esc50)
-            if (path / "audio").is_dir():
+            if path.exists():
                 return path
-            raise UserError(f"{given}: no audio/ folder there (expected ESC-50's layout, "
-                            "audio/*.wav + meta/esc50.csv, UrbanSound8K's, audio/fold<k>/*.wav + "
-                            "metadata/UrbanSound8K.csv, or a zip of either)")
+            raise UserError(f"{given}: no such folder or file (expected a folder of class folders, "
+                            "a labels table, ESC-50's or UrbanSound8K's folder, or a zip of one)")
         fetched = cache_root() / "ESC-50"
         for path in DEFAULT_DATA + [fetched]:
             if (path / "audio").is_dir():
@@ -525,12 +447,13 @@ def find_data(arg: str) -> Path:
         raise UserError(str(e)) from None
 
 
-def cache_path(data_dir: Path, table: list, cfg: Config) -> Path:
-    """A cache file keyed by every audio file's name, size and mtime, and the rate and length."""
+def cache_path(audio_dir: Path, table: list, cfg: Config) -> Path:
+    """A cache file keyed by every clip's file name, size and mtime (and segment), and the rate
+    and length."""
     h = hashlib.sha1(f"v{CACHE_VERSION} {cfg.sample_rate} {cfg.clip_seconds}".encode())
     for r in table:
-        st = (data_dir / "audio" / r["filename"]).stat()
-        h.update(f"{r['filename']} {st.st_size} {st.st_mtime_ns}\n".encode())
+        st = (audio_dir / r["filename"]).stat()
+        h.update(f"{layouts.clip_name(r)} {st.st_size} {st.st_mtime_ns}\n".encode())
     return cache_root() / f"waves-{h.hexdigest()[:16]}.npy"
 
 
@@ -551,7 +474,19 @@ def fit_clip(wave, rate, target_rate, n_samples):
     return wave[start:start + n_samples]
 
 
-def decode_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
+def cut_segment(path, wave, rate: int, row: dict):
+    """The part of a wave (L,) that a row's start and end (seconds; None: the file's own) name."""
+    if row.get("start") is None and row.get("end") is None:
+        return wave
+    first = round((row.get("start") or 0) * rate)
+    last = len(wave) if row.get("end") is None else min(len(wave), round(row["end"] * rate))
+    if last <= first:
+        raise UserError(f"{path}: the segment {layouts.clip_name(row)} lies past the file's end "
+                        f"({len(wave) / rate:.3f} s)")
+    return wave[first:last]
+
+
+def decode_clips(audio_dir: Path, table: list, cfg: Config) -> tuple:
     """Decode and resample every clip: waves (N, S) float32 and each clip's length in samples
     before padding (N,) int64. Counts what needed fixing."""
     waves = np.zeros((len(table), cfg.n_samples), dtype=np.float32)
@@ -559,10 +494,10 @@ def decode_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
     rates, seconds, multichannel = [], [], 0
     t0 = time.time()
     for i, r in enumerate(table):
-        path = data_dir / "audio" / r["filename"]
-        rate, data = read_wav(path)
-        wave = to_mono_float(path, data)
-        multichannel += data.ndim == 2
+        path = audio_dir / r["filename"]
+        rate, data = read_audio(path)
+        wave = cut_segment(path, to_mono_float(path, data), rate, r)
+        multichannel += data.ndim == 2 and data.shape[1] > 1
         rates.append(rate)
         seconds.append(len(wave) / rate)
         waves[i] = fit_clip(wave, rate, cfg.sample_rate, cfg.n_samples)
@@ -588,10 +523,10 @@ def clips_and_lengths(waves: np.ndarray, lengths: np.ndarray) -> tuple:
     return torch.from_numpy(waves), None if full else torch.from_numpy(lengths)
 
 
-def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
+def load_clips(audio_dir: Path, table: list, cfg: Config) -> tuple:
     """All clips as one (N, S) float32 tensor, decoded once and cached on disk, and their lengths
     in samples (N,), or None when every clip fills S (then nothing needs masking)."""
-    path = cache_path(data_dir, table, cfg)
+    path = cache_path(audio_dir, table, cfg)
     lengths_path = path.with_name(path.stem + "-lengths.npy")
     if path.is_file():
         try:
@@ -602,7 +537,7 @@ def load_clips(data_dir: Path, table: list, cfg: Config) -> tuple:
         except (ValueError, OSError, EOFError):
             pass
         print(f"warning: cache {path} is damaged; rebuilding it")
-    waves, lengths = decode_clips(data_dir, table, cfg)
+    waves, lengths = decode_clips(audio_dir, table, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     for array, final in [(lengths, lengths_path), (waves, path)]:  # the waves' file marks it whole
         replace_with(final, lambda tmp: np.save(tmp, array))
@@ -656,23 +591,61 @@ def split_folds(folds, groups, labels, test_fold, k, classes=None):
 
 @dataclass
 class Dataset:
-    root: Path
-    table: list             # rows of meta/esc50.csv, sorted by filename
+    root: Path              # the folder or table --data named (or found)
+    audio_dir: Path         # the folder the table's file names are under
+    layout: str             # ESC-50, UrbanSound8K, class folders or labels table
+    table: list             # a row per clip (layouts.py), sorted by file
     classes: list           # sorted category names; label i is classes[i]
     labels: torch.Tensor    # (N,)
     test_idx: np.ndarray    # clips of the test fold (empty when --test-fold 0)
     splits: list            # k (train_idx, val_idx) pairs
 
 
+DEALT_FOLDS = 5  # a dataset without folds of its own is dealt into a test fold and four more
+
+
+def dealt_folds(table: list, labels: np.ndarray, classes: list, cfg: Config) -> np.ndarray:
+    """Folds 1..5 for a dataset that names none: whole source recordings dealt to 5 folds,
+    each class spread evenly, in the order of their names, so every run on the dataset shares
+    them. A class with too few recordings for the folds asked for is refused, with what works."""
+    groups = np.array([r["src_file"] for r in table])
+    need = cfg.kfold if not cfg.test_fold and cfg.kfold != DEALT_FOLDS else DEALT_FOLDS
+    for c, name in enumerate(classes):
+        n = len(set(groups[labels == c].tolist()))
+        if n < need:
+            works = (f"--test-fold 0 --kfold {n} works with it" if n >= 2 else
+                     "add recordings of it, or leave it out")
+            raise UserError(f"class '{name}' has {n} recording(s), too few for "
+                            f"{need} folds that each hold it; {works}")
+    return deal_groups(groups, labels, DEALT_FOLDS) + 1
+
+
+def print_dataset(ds: Dataset, cfg: Config):
+    """The classes with their counts and the sizes of the splits, before anything is read."""
+    counts = np.bincount(ds.labels.numpy(), minlength=len(ds.classes))
+    named = ", ".join(f"{c} {n}" for c, n in zip(ds.classes, counts))
+    print(f"data: {ds.root} ({ds.layout}), {len(ds.table)} clips, "
+          f"{len(ds.classes)} classes: {named}")
+    test = f"test fold {cfg.test_fold} {len(ds.test_idx)} clips" if len(ds.test_idx) else "no test"
+    print(f"splits: {test}; validation folds of " + ", ".join(str(len(v)) for _, v in ds.splits)
+          + " clips")
+
+
 def load_dataset(cfg: Config) -> Dataset:
     """The table, labels and splits; no audio is read here."""
     root = find_data(cfg.data)
-    table = read_table(root, cfg.subset, cfg.dataset)
+    try:
+        audio_dir, table, layout = layouts.read_layout(root, cfg.subset, cfg.dataset)
+    except layouts.LayoutError as e:
+        raise UserError(str(e)) from None
     classes = sorted({r["category"] for r in table})
     labels = torch.tensor([classes.index(r["category"]) for r in table])
-    test_idx, splits = split_folds([r["fold"] for r in table], [r["src_file"] for r in table],
-                                   labels.numpy(), cfg.test_fold, cfg.kfold, classes)
-    return Dataset(root, table, classes, labels, test_idx, splits)
+    folds = [r["fold"] for r in table]
+    if None in folds:
+        folds, layout = dealt_folds(table, labels.numpy(), classes, cfg), layout + ", folds dealt"
+    test_idx, splits = split_folds(folds, [r["src_file"] for r in table], labels.numpy(),
+                                   cfg.test_fold, cfg.kfold, classes)
+    return Dataset(root, audio_dir, layout, table, classes, labels, test_idx, splits)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1371,10 +1344,10 @@ def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
     """load_clips, the cache built by one process per machine while the others wait; on the
     device where it fits."""
     if WORKER.local_rank == 0:
-        waves, lengths = load_clips(ds.root, ds.table, cfg)
+        waves, lengths = load_clips(ds.audio_dir, ds.table, cfg)
     barrier()
     if WORKER.local_rank:
-        waves, lengths = load_clips(ds.root, ds.table, cfg)
+        waves, lengths = load_clips(ds.audio_dir, ds.table, cfg)
     return to_device(waves), to_device(lengths)
 
 
@@ -1426,7 +1399,7 @@ def train_folds(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
     metrics.update(classes=classes, params=config["params"],
                    seconds=sum(r["seconds"] for r in results))
     scored_labels, scored_probs = write_results(run_dir, results, labels, splits, test_idx,
-                                                [r["filename"] for r in ds.table], classes)
+                                                [layouts.clip_name(r) for r in ds.table], classes)
     write_json(run_dir / "metrics.json", metrics)
     tracker.start("summary")
     log_summary(tracker, scored_split(metrics["test"]), scored_labels, scored_probs, classes)
@@ -1443,6 +1416,7 @@ def open_run(cfg: Config):
     """Yields (the checked cfg, its dataset and splits, its run folder, locked)."""
     cfg = prepare(cfg)
     ds = load_dataset(cfg)
+    print_dataset(ds, cfg)
     run_dir = Path(cfg.out) / run_name(cfg)
     with run_lock(run_dir, cfg.restart):
         yield cfg, ds, run_dir

@@ -20,17 +20,17 @@ import audiotx  # before torch: it sets OpenMP's spin count, which torch reads o
 import torch
 import torch.nn.functional as F
 
-from audiotx import UserError, load_fold_models, load_wav, predict, resolve_precision, to_rate
+from audiotx import UserError, load_audio, load_fold_models, predict, resolve_precision, to_rate
+from layouts import is_audio
 
 SHIPPED_MODEL = audiotx.HERE / "models" / "esc10-cnn-test1-k4"  # what --predict uses without --run
 
 
-def wav_files(paths: list) -> list:
-    """Each PATH, or a folder's *.wav files, recursively, in name order."""
+def audio_files(paths: list) -> list:
+    """Each PATH, or a folder's audio files (layouts.AUDIO_SUFFIXES), recursively, in name order."""
     files = []
     for p in map(Path, paths):
-        wavs = sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav") if p.is_dir() else [p]
-        files += wavs
+        files += sorted(q for q in p.rglob("*") if is_audio(q)) if p.is_dir() else [p]
     return files
 
 
@@ -73,10 +73,10 @@ def command(cfg: audiotx.Config) -> int:
     precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
     n, rate = run_cfg.n_samples, run_cfg.sample_rate
     decoded, failed = [], 0
-    for path in wav_files(cfg.predict):
+    for path in audio_files(cfg.predict):
         try:
-            wave, file_rate = load_wav(path)
-        except UserError as e:  # read_wav names the file and what is wrong with it
+            wave, file_rate = load_audio(path)
+        except UserError as e:  # it names the file and what is wrong with it
             print(f"audiotx: error: {e}", file=sys.stderr)
             failed += 1
             continue

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from audiotx import (UserError, load_clips, load_dataset, load_fold_models, paired, read_csv,
                      scored_split, write_text)
+from layouts import clip_name
 from plot import heat_colors, nice_ticks, png, svg_lines, svg_open
 
 # ----------------------------------------------------------------------------------------
@@ -389,12 +390,12 @@ def explain_section(best, runs, fig_dir: Path) -> list:
                         "out of git).", ""]
     cfg, model = loaded
     try:
-        data = cfg.data if Path(cfg.data).expanduser().is_dir() else ""  # else found as usual
+        data = cfg.data if Path(cfg.data).expanduser().exists() else ""  # else found as usual
         ds = load_dataset(dataclasses.replace(cfg, data=data))
-        waves, _ = load_clips(ds.root, ds.table, cfg)  # the report's clips are ESC's, full length
+        waves, _ = load_clips(ds.audio_dir, ds.table, cfg)
     except UserError as e:
         return lines + [f"No figures: {e}", ""]
-    index = {r["filename"]: i for i, r in enumerate(ds.table)}
+    index = {clip_name(r): i for i, r in enumerate(ds.table)}
     classes, clips = best["metrics"]["classes"], chosen_clips(best)
     draw = lambda name, wave, **kw: write_text(fig_dir / name, svg_spectrogram(  # noqa: E731
         wave, cfg.sample_rate, cfg.clip_seconds, **kw))

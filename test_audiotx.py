@@ -33,7 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import audiotx
+import decode
 import fetch
+import layouts
 import plot
 import processes
 import report
@@ -44,6 +46,9 @@ REAL_DATA = HERE.parent / "shared" / "data" / "ESC-10"
 needs_real_data = pytest.mark.skipif(
     not (REAL_DATA / "meta" / "esc50.csv").is_file() and not os.environ.get("CI"),
     reason="../shared/data/ESC-10 is absent (under CI these tests must run, so they fail instead)")
+needs_ffmpeg = pytest.mark.skipif(
+    not shutil.which("ffmpeg") and not os.environ.get("CI"),
+    reason="ffmpeg is not installed (.ci/run installs it; under CI these tests must run)")
 
 
 # ---- helpers ----
@@ -95,6 +100,30 @@ def assert_one_line_error(code, err, culprit):
     assert code == 2, err
     assert culprit in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def predict_cli(args, capsys):
+    code, out, err = cli(["--predict", *args], capsys)
+    return code, out.splitlines(), err
+
+
+SAVES = ["bom", "crlf", "quoted", "blank rows", "reordered", "extra column", "semicolons"]
+
+
+def as_spreadsheet_saves(meta: Path, saves, edit=None):
+    """Rewrite meta as a spreadsheet would, with the given habits; edit(rows) may change cells."""
+    header, *rows = list(csv.reader(meta.read_text().splitlines()))
+    if edit:
+        edit(header, rows)
+    if "extra column" in saves:
+        header, rows = header + ["notes"], [r + ["seen, twice"] for r in rows]
+    if "reordered" in saves:
+        header, rows = header[::-1], [r[::-1] for r in rows]
+    buf, sep = io.StringIO(), ";" if "semicolons" in saves else ","
+    csv.writer(buf, delimiter=sep, lineterminator="\r\n" if "crlf" in saves else "\n",
+               quoting=csv.QUOTE_ALL if "quoted" in saves else csv.QUOTE_MINIMAL).writerows([header] + rows)
+    text = buf.getvalue() + (f"\n{sep * 7}\n\n" if "blank rows" in saves else "")  # an emptied row, blank lines
+    meta.write_bytes(("\ufeff" if "bom" in saves else "").encode() + text.encode())
 
 
 def read_rows(path):
@@ -181,8 +210,8 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
 
 # ---- layout ----
 
-OURS = {"audiotx", "fetch", "logs", "plot", "predict", "processes", "report", "tools"}
-LEAVES = {"fetch", "logs", "plot", "processes"}
+OURS = {"audiotx", "decode", "fetch", "layouts", "logs", "plot", "predict", "processes", "report", "tools"}
+LEAVES = {"decode", "fetch", "layouts", "logs", "plot", "processes"}
 
 
 def module_imports(name: str) -> set:
@@ -503,7 +532,7 @@ def test_load_wav_round_trips(tmp_path, dtype, scale, offset, channels):
         data = np.stack([data, right], axis=1)
     path = tmp_path / "x.wav"
     scipy.io.wavfile.write(path, 22050, data)
-    got, rate = audiotx.load_wav(path)
+    got, rate = audiotx.load_audio(path)
     assert rate == 22050 and got.dtype == np.float32 and got.shape == (1000,)
     expect = wave if channels == 1 else wave / 4
     np.testing.assert_allclose(got, expect, atol=2.5 / scale + 1e-6)
@@ -530,7 +559,7 @@ def test_fit_clip_resamples_pads_and_crops():
 @needs_real_data
 @pytest.mark.parametrize("test_fold,k", [(1, 4), (0, 4), (0, 5), (3, 2)])
 def test_splits_on_the_real_csv(test_fold, k):
-    table = audiotx.read_table(REAL_DATA, "esc10")
+    table = layouts.read_esc(REAL_DATA, "esc10")
     assert len(table) == 400
     folds = np.array([r["fold"] for r in table])
     groups = np.array([r["src_file"] for r in table])
@@ -557,14 +586,15 @@ def cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = write_dataset(tmp_path / "data", folds=2, clips_per_fold=1)
     cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
-    table = audiotx.read_table(root, "esc10")
-    return root, table, cfg, audiotx.load_clips(root, table, cfg)[0], audiotx.cache_path(root, table, cfg)
+    table = layouts.read_esc(root, "esc10")
+    audio = root / "audio"
+    return root, table, cfg, audiotx.load_clips(audio, table, cfg)[0], audiotx.cache_path(audio, table, cfg)
 
 
 def test_esc50_layout_gives_esc10_by_default_and_50_classes_with_subset_esc50(tmp_path):
     (tmp_path / "audio").mkdir()
     (tmp_path / "meta").mkdir()
-    esc10 = set(audiotx.ESC10)
+    esc10 = set(layouts.ESC10)
     rows = []
     for fold in range(1, 6):
         for target in range(50):
@@ -599,11 +629,191 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     root, table, cfg, first, path = cached
     assert path.is_file() and first.shape == (6, 8000)
     np.save(path, np.zeros((6, 8000), dtype=np.float32))  # a reused cache is read, not rebuilt
-    assert audiotx.load_clips(root, table, cfg)[0].abs().sum() == 0
+    assert audiotx.load_clips(root / "audio", table, cfg)[0].abs().sum() == 0
     name = root / "audio" / table[0]["filename"]
     scipy.io.wavfile.write(name, 8000, np.zeros(8000, dtype=np.int16) + 100)
-    assert audiotx.cache_path(root, table, cfg) != path  # changed size or mtime -> new key
-    assert audiotx.load_clips(root, table, cfg)[0].abs().max() > 0
+    assert audiotx.cache_path(root / "audio", table, cfg) != path  # changed size or mtime -> new key
+    assert audiotx.load_clips(root / "audio", table, cfg)[0].abs().max() > 0
+
+
+# ---- your own sounds: layouts, formats, splits ----
+
+def tone(path: Path, freq: float, seconds=1.0, rate=8000, channels=1, seed=0):
+    """A noisy tone as a 16-bit WAV, converted by ffmpeg when path is not .wav. -> the WAV's samples."""
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(seed).standard_normal(len(t))
+    data = (np.stack([wave, -0.5 * wave], axis=1) if channels == 2 else wave) * 32767
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wav = path if path.suffix.lower() == ".wav" else path.with_name(path.name + ".tmp.wav")
+    scipy.io.wavfile.write(wav, rate, data.astype(np.int16))
+    if wav != path:
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(path)], check=True)
+        wav.unlink()
+    return data.astype(np.int16)
+
+
+def class_folders(root: Path, per_class=5, suffixes=(".wav",), classes=("chien qui aboie", "pluie", "ça coule")):
+    """A folder of class folders: per_class tones of each class, one folder down, suffixes in turn."""
+    for c, name in enumerate(classes):
+        for j in range(per_class):
+            tone(root / name / "day 1" / f"take {j}{suffixes[j % len(suffixes)]}", 300 * (c + 1), seed=10 * c + j)
+    return root
+
+
+def test_a_folder_of_class_folders_is_read_as_a_user_would_expect(tmp_path, capsys):
+    root = class_folders(tmp_path / "mine", per_class=2)
+    tone(root / "pluie" / "deeper" / "still" / "LOUD.WAV", 600)  # any depth, any case
+    for junk in ("README.md", "pluie/.DS_Store", "pluie/cover.jpg", ".ipynb_checkpoints/x.wav",
+                 "pluie/.hidden/y.wav", "pluie/._z.wav"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(b"x")
+    audio_dir, rows, layout = layouts.read_layout(root)
+    assert audio_dir == root and layout == "class folders"
+    assert [r["category"] for r in rows] == ["chien qui aboie"] * 2 + ["pluie"] * 3 + ["ça coule"] * 2
+    assert "pluie/deeper/still/LOUD.WAV" in [r["filename"] for r in rows]
+    assert all(r["fold"] is None and r["src_file"] == r["filename"] for r in rows)
+    warning = capsys.readouterr().out.strip()
+    assert warning.startswith("warning: skipped 4 file(s)") and "README.md" in warning and "cover.jpg" in warning
+    cfg = audiotx.Config(data=str(root), test_fold=0, kfold=2, sample_rate=8000, clip_seconds=1.0)
+    ds = audiotx.load_dataset(cfg)
+    assert ds.classes == ["chien qui aboie", "pluie", "ça coule"] and ds.layout == "class folders, folds dealt"
+    waves, _ = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
+    assert waves.shape == (7, 8000) and waves.abs().max() > 0.3
+
+
+def test_a_labels_table_reads_paths_groups_and_segments_and_names_a_wrong_cell(tmp_path, capsys):
+    (tmp_path / "rec").mkdir()
+    long = tone(tmp_path / "rec" / "night.wav", 500, seconds=6.0)
+    for i in range(4):
+        tone(tmp_path / "rec" / f"c{i}.wav", 900, seed=i)
+    lines = ["path,label,group,start,end", "rec/night.wav,owl,night,1.5,2.5", "rec/night.wav,owl,night,4,",
+             "rec/night.wav,owl,night,,0.5"] + [f"rec/c{i}.wav,cricket,,," for i in range(4)]
+    table = tmp_path / "labels.csv"
+    table.write_text("\n".join(lines) + "\n")
+    audio_dir, rows, layout = layouts.read_layout(table)
+    assert audio_dir == tmp_path and layout == "labels table"
+    owl = [r for r in rows if r["category"] == "owl"]
+    assert [(r["start"], r["end"]) for r in owl] == [(None, 0.5), (1.5, 2.5), (4.0, None)]
+    assert {r["src_file"] for r in owl} == {"night"} and rows[0]["src_file"] == "rec/c0.wav"
+    assert [layouts.clip_name(r) for r in owl] == ["rec/night.wav@0-0.5s", "rec/night.wav@1.5-2.5s",
+                                                   "rec/night.wav@4-ends"]
+    cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
+    waves, lengths = audiotx.load_clips(audio_dir, rows, cfg)  # each segment is its own clip
+    i = [layouts.clip_name(r) for r in rows].index("rec/night.wav@1.5-2.5s")
+    np.testing.assert_allclose(waves[i].numpy(), long[12000:20000] / 32768, atol=1e-6)
+    assert lengths is None or lengths[i] == 8000
+    as_spreadsheet_saves(table, ["bom", "crlf", "quoted", "reordered", "semicolons", "blank rows"])
+    assert layouts.read_layout(table)[1] == rows  # a spreadsheet's save reads the same
+    for column, value, why in [("start", "soon", "is not a time"), ("end", "1", "is not after start"),
+                               ("path", "rec/gone.wav", "does not exist"), ("label", "", "empty")]:
+        def edit(header, body):
+            body[0][header.index(column)] = value
+        table.write_text("\n".join(lines) + "\n")
+        as_spreadsheet_saves(table, ["crlf"], edit)
+        with pytest.raises(layouts.LayoutError, match=f"labels.csv row 2, column {column}: .*{why}"):
+            layouts.read_layout(table)
+
+
+def test_folds_are_dealt_by_recording_stratified_and_the_same_on_every_run(tmp_path):
+    root = tmp_path / "mine"
+    rows = ["filename,label,group"]
+    for c in range(3):
+        for g in range(7):  # 7 recordings a class, 3 clips each
+            for j in range(3):
+                name = f"c{c}-r{g}-{j}.wav"
+                scipy.io.wavfile.write((root.mkdir(exist_ok=True), root / name)[1], 8000, np.zeros(800, np.int16))
+                rows.append(f"{name},class{c},c{c}-r{g}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = audiotx.Config(data=str(root / "labels.csv"))
+    ds = audiotx.load_dataset(cfg)
+    folds = {}
+    for fold, idx in enumerate([ds.test_idx] + [v for _, v in ds.splits], start=1):
+        for i in idx:
+            folds[ds.table[i]["src_file"]] = folds.get(ds.table[i]["src_file"], set()) | {fold}
+    assert all(len(f) == 1 for f in folds.values())  # a recording's clips are in one fold
+    per_fold = [np.bincount(ds.labels[idx].numpy(), minlength=3) for idx in [ds.test_idx] + [v for _, v in ds.splits]]
+    assert all(counts.min() >= 3 for counts in per_fold)  # every class in every fold
+    again = audiotx.load_dataset(cfg)
+    assert np.array_equal(again.test_idx, ds.test_idx)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again.splits, ds.splits))
+
+
+def test_too_few_recordings_one_class_or_an_empty_class_folder_is_one_line(tmp_path, capsys):
+    root = class_folders(tmp_path / "mine", per_class=3)
+    flags = ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000", "--clip-seconds", "1"]
+    code, _, err = cli(flags, capsys)
+    assert_one_line_error(code, err, "class 'chien qui aboie' has 3 recording(s)")
+    assert "--test-fold 0 --kfold 3" in err
+    for name in ("pluie", "ça coule"):
+        shutil.rmtree(root / name)
+    assert_one_line_error(*cli(flags, capsys)[::2], "only 'chien qui aboie', 3 recordings")
+    (root / "vent").mkdir()
+    (root / "vent" / "notes.txt").write_text("to record")
+    assert_one_line_error(*cli(flags, capsys)[::2], "the class folder 'vent' holds no audio file")
+
+
+@needs_ffmpeg
+def test_other_formats_decode_through_ffmpeg_as_a_wav_does(tmp_path):
+    wav = tone(tmp_path / "x.wav", 440, seconds=1.5, rate=22050, channels=2)
+    tone(tmp_path / "x.flac", 440, seconds=1.5, rate=22050, channels=2)
+    a, rate_a = audiotx.load_audio(tmp_path / "x.wav")
+    b, rate_b = audiotx.load_audio(tmp_path / "x.flac")
+    assert rate_a == rate_b == 22050 and b.dtype == np.float32
+    np.testing.assert_allclose(b, a, atol=1e-4)  # lossless: the same samples, mixed down alike
+    np.testing.assert_allclose(a, wav.mean(1) / 32768, atol=1e-6)
+    for suffix in (".mp3", ".ogg", ".m4a"):  # lossy: the tone, at its rate, about as long
+        tone(tmp_path / f"x{suffix}", 440, seconds=1.5, rate=22050)
+        c, rate_c = audiotx.load_audio(tmp_path / f"x{suffix}")
+        assert rate_c == 22050 and abs(len(c) / 22050 - 1.5) < 0.1, suffix
+        peak = np.fft.rfftfreq(len(c), 1 / 22050)[np.abs(np.fft.rfft(c)).argmax()]
+        assert abs(peak - 440) < 3, suffix
+
+
+def test_without_ffmpeg_a_non_wav_file_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(decode.shutil, "which", lambda name: None)
+    (tmp_path / "dog.flac").write_bytes(b"fLaC not really")
+    with pytest.raises(audiotx.UserError, match="dog.flac: not a WAV file, and reading it needs ffmpeg"):
+        audiotx.load_audio(tmp_path / "dog.flac")
+    code, _, err = cli(["--predict", str(tmp_path / "dog.flac")], capsys)
+    assert_one_line_error(code, err, "apt install ffmpeg")
+
+
+@pytest.mark.parametrize("rate", [0, 1, 999])
+def test_a_header_rate_that_cannot_be_sound_is_refused_in_prediction_and_training(tmp_path, capsys, rate):
+    root = class_folders(tmp_path / "mine", per_class=5)
+    bad = root / "pluie" / "day 1" / "take 0.wav"
+    raw = bytearray(bad.read_bytes())
+    raw[24:32] = rate.to_bytes(4, "little") + (2 * rate).to_bytes(4, "little")  # the rate, bytes a second
+    bad.write_bytes(bytes(raw))
+    code, _, err = cli(["--predict", str(bad)], capsys)
+    assert_one_line_error(code, err, f"a sample rate of {rate} Hz")
+    flags = ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000", "--clip-seconds", "1",
+             "--epochs", "1", "--dim", "16"]
+    assert_one_line_error(*cli(flags, capsys)[::2], str(bad))
+
+
+@pytest.mark.slow
+@needs_ffmpeg
+def test_train_report_and_predict_on_a_folder_of_flac_mp3_and_ogg(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = class_folders(tmp_path / "mine", per_class=5, suffixes=(".flac", ".mp3", ".ogg", ".WAV", ".m4a"))
+    out = tmp_path / "runs"
+    code, stdout, err = cli(["--data", str(root), "--arch", "cnn", "--out", str(out), "--sample-rate", "8000",
+                             "--clip-seconds", "1", "--epochs", "2", "--dim", "16"], capsys)
+    assert code == 0, err
+    assert "class folders, folds dealt), 15 clips, 3 classes: chien qui aboie 5, pluie 5, ça coule 5" in stdout
+    assert "splits: test fold 1 3 clips; validation folds of 3, 3, 3, 3 clips" in stdout
+    run = out / "cnn-test1-k4"
+    config, _ = check_run_files(run, 4, has_test=True)
+    assert config["classes"] == ["chien qui aboie", "pluie", "ça coule"]
+    assert cli(["--report", str(out)], capsys)[0] == 0
+    assert "ça coule" in (out / "REPORT.md").read_text()
+    new = tmp_path / "new" / "rain.opus"
+    tone(new, 600, seconds=2.7)
+    code, lines, err = predict_cli([str(new), "--run", str(run), "--json"], capsys)
+    answer = json.loads(lines[0])
+    assert code == 0 and set(answer["probs"]) == set(config["classes"]) and len(answer["windows"]) == 5  # 0, 0.5, ..., 1.5, 1.7 s
 
 
 # ---- fetching the data ----
@@ -771,11 +981,6 @@ def trained(tmp_path_factory):
                    "--kfold", "2", "--epochs", "2", "--dim", "16"], env_extra={"XDG_CACHE_HOME": str(tmp / "cache")})
     assert res.returncode == 0, res.stderr
     return root, tmp / "runs" / "transformer-h2-test1-k2"
-
-
-def predict_cli(args, capsys):
-    code, out, err = cli(["--predict", *args], capsys)
-    return code, out.splitlines(), err
 
 
 @pytest.mark.slow
@@ -1099,32 +1304,13 @@ def test_csv_problems_name_the_file_row_or_column(quick, capsys):
     assert_one_line_error(*cli(args, capsys)[::2], "fewer than two classes")
 
 
-SAVES = ["bom", "crlf", "quoted", "blank rows", "reordered", "extra column", "semicolons"]
-
-
-def as_spreadsheet_saves(meta: Path, saves, edit=None):
-    """Rewrite meta as a spreadsheet would, with the given habits; edit(rows) may change cells."""
-    header, *rows = list(csv.reader(meta.read_text().splitlines()))
-    if edit:
-        edit(header, rows)
-    if "extra column" in saves:
-        header, rows = header + ["notes"], [r + ["seen, twice"] for r in rows]
-    if "reordered" in saves:
-        header, rows = header[::-1], [r[::-1] for r in rows]
-    buf, sep = io.StringIO(), ";" if "semicolons" in saves else ","
-    csv.writer(buf, delimiter=sep, lineterminator="\r\n" if "crlf" in saves else "\n",
-               quoting=csv.QUOTE_ALL if "quoted" in saves else csv.QUOTE_MINIMAL).writerows([header] + rows)
-    text = buf.getvalue() + (f"\n{sep * 7}\n\n" if "blank rows" in saves else "")  # an emptied row, blank lines
-    meta.write_bytes(("\ufeff" if "bom" in saves else "").encode() + text.encode())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("saves", [[s] for s in SAVES] + [SAVES])
 def test_metadata_saved_by_a_spreadsheet_reads_the_same(quick, capsys, saves):
     root, args = quick
-    expect = [audiotx.read_table(root, subset) for subset in ("esc10", "esc50")]  # esc50: every row
+    expect = [layouts.read_esc(root, subset) for subset in ("esc10", "esc50")]  # esc50: every row
     as_spreadsheet_saves(root / "meta" / "esc50.csv", saves)
-    assert [audiotx.read_table(root, subset) for subset in ("esc10", "esc50")] == expect
+    assert [layouts.read_esc(root, subset) for subset in ("esc10", "esc50")] == expect
     if saves == SAVES:  # and it trains
         code, _, err = cli(args, capsys)
         assert code == 0, err
@@ -1185,7 +1371,7 @@ def test_24_bit_pcm_is_read(tmp_path):
               + (24000).to_bytes(4, "little") + (3).to_bytes(2, "little") + (24).to_bytes(2, "little")
               + b"data" + len(raw).to_bytes(4, "little"))
     (tmp_path / "x.wav").write_bytes(header + raw)
-    got, rate = audiotx.load_wav(tmp_path / "x.wav")
+    got, rate = audiotx.load_audio(tmp_path / "x.wav")
     assert rate == 8000
     np.testing.assert_allclose(got, wave, atol=1e-6)
 
@@ -1276,7 +1462,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
 def test_damaged_cache_is_rebuilt(cached, capsys):
     root, table, cfg, first, path = cached
     path.write_bytes(path.read_bytes()[:1000])
-    again, _ = audiotx.load_clips(root, table, cfg)
+    again, _ = audiotx.load_clips(root / "audio", table, cfg)
     assert "is damaged; rebuilding it" in capsys.readouterr().out
     torch.testing.assert_close(again, first)
 
@@ -1521,7 +1707,7 @@ def test_urbansound8k_layout_clips_of_many_lengths_train(tmp_path, monkeypatch, 
     ds = audiotx.load_dataset(cfg)
     assert ds.classes == ["dog_bark", "siren"] and len(ds.table) == 12 and len(ds.test_idx) == 4
     assert all(r["filename"].startswith(f"fold{r['fold']}/") for r in ds.table)
-    waves, n = audiotx.load_clips(ds.root, ds.table, cfg)
+    waves, n = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
     assert n.tolist() == [lengths[r["filename"]] for r in ds.table]  # resampled lengths, before padding
     assert all(w[k:].abs().sum() == 0 and w[k - 10:k].abs().sum() > 0 for w, k in zip(waves, n.tolist()))
     out = tmp_path / "runs"

@@ -89,7 +89,7 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
     if path.is_file():
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
-        waves, lengths = audiotx.load_clips(ds.root, ds.table, cfg)
+        waves, lengths = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
         rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels,
                              ds.splits[0][0], len(ds.classes), lengths=to_device(lengths))
         write_rows(path, rows)
