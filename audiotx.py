@@ -21,17 +21,13 @@ roc.csv, fold<i>/history.csv) and logs it to Weights & Biases (offline unless yo
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import fcntl
 import hashlib
 import importlib
-import io
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -49,7 +45,6 @@ import numpy as np
 import scipy
 import scipy.io.wavfile
 import scipy.signal
-import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +52,7 @@ import torch.nn.functional as F
 import decode
 import fetch
 import layouts
+from files import code_version, csv_text, replace_with, shown_path, versions
 from logs import Tracker, print_progress_factory, print_summary, wandb_mode
 from processes import (WORKER, DeviceError, all_sum, barrier, gather_rows, rng_states,
                        set_rng_states, start_processes, stop_processes, to_device)
@@ -119,6 +115,10 @@ class Config:
     gain_db: float = flag(6.0, "random gain in [-gain_db, +gain_db] dB")
     stretch: float = flag(0.2, "each batch played at a random speed in [1 - s, 1 + s]; 0 = off")
     select: str = flag("best", "a fold keeps its best epoch or its last", choices=["best", "final"])
+    balance: bool = flag(True, "weight the loss by inverse class frequency, classes over 2:1")
+    per_class: int = flag(0, "train on at most N clips of each class per split (few-shot); 0 = all")
+    init: str = flag("", "start from a run's fold-1 front end (and encoder); a new head")
+    freeze: bool = flag(False, "with --init: train the new head alone")
     seed: int = flag(0, "fold i is seeded with seed + i")
     threads: int = flag(0, "torch CPU threads; 0 = torch's default")
     device: str = flag("auto", "auto: cuda, mps or cpu", choices=["auto", "cpu", "cuda", "mps"])
@@ -224,6 +224,8 @@ def check_config(cfg: Config):
         raise UserError("--dropout must be in [0, 1); --weight-decay, --mixup, --gain-db >= 0")
     if not 0 <= cfg.stretch < 0.5:
         raise UserError(f"--stretch must be in [0, 0.5), got {cfg.stretch}")
+    if cfg.per_class < 0 or (cfg.freeze and not cfg.init):
+        raise UserError("--per-class must be >= 0, and --freeze needs --init")
     if cfg.batch_size < 2 * WORKER.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch: with {WORKER.world} "
                         f"processes it must be at least {2 * WORKER.world} (BatchNorm needs 2 "
@@ -262,20 +264,8 @@ def run_name(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# files: atomic writes, csv, json, checkpoints, where the code and data came from
+# files: who writes them (rank 0 alone), csv, json, checkpoints (the rest: files.py)
 # ----------------------------------------------------------------------------------------
-
-def replace_with(path: Path, write):
-    """write(tmp) to a temporary name beside path, then rename it to path: a reader never sees
-    half a file, and a failed write leaves none behind. The temporary name keeps path's suffix,
-    which np.save would otherwise append."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_text(path: Path, text: str):
     """Under torchrun only rank 0 writes files (here and in save_atomic)."""
@@ -288,21 +278,12 @@ def write_json(path: Path, obj):
 
 
 def write_csv(path: Path, header, rows):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows([f"{v:.17g}" if isinstance(v, float) else v for v in row] for row in rows)
-    write_text(path, buf.getvalue())
+    write_text(path, csv_text(header, rows))
 
 
 def write_rows(path: Path, rows: list):
     """A csv of dicts with the same keys: the first one's keys are the header."""
     write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
-
-
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def save_atomic(obj, path: Path):
@@ -317,30 +298,6 @@ def load_checked(path: Path):
     except Exception as e:
         why = type(e).__name__
         raise UserError(f"{path}: damaged ({why}); delete it or rerun with --restart") from e
-
-
-def shown_path(path: Path) -> str:
-    """A path as config.json records it: under ~, else relative to the working folder, so no
-    file the project commits holds this machine's absolute paths."""
-    path, home = Path(path).resolve(), Path.home().resolve()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else os.path.relpath(path)
-
-
-def code_version() -> dict:
-    """The checkout's git commit and whether its tracked files had changes; {} outside git."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "-uno"))}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__}
 
 
 # ----------------------------------------------------------------------------------------
@@ -925,6 +882,27 @@ def count_params(model: nn.Module) -> dict:
             "buffers": sum(b.numel() for n, b in model.state_dict().items() if n not in params)}
 
 
+def load_fold_models(run_dir: Path, folds: str = "*") -> tuple:
+    """(config, classes, the fold models) of a finished run: config.json, metrics.json and
+    fold<folds>/model.pt (every fold by default), loaded with weights_only (a model file from
+    elsewhere cannot run code)."""
+    paths = sorted(run_dir.glob(f"fold{folds}/model.pt"))
+    if not paths or not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in saved.items() if k in fields})
+        classes = saved["classes"]
+        models = [build_model(cfg, len(classes)) for _ in paths]
+        for model, path in zip(models, paths):
+            model.load_state_dict(load_checked(path))  # half-precision files load into float32
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    return cfg, classes, [m.to(WORKER.device).eval() for m in models]
+
+
 # ----------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------
@@ -939,8 +917,9 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 def make_optimizer(cfg: Config, model: nn.Module):
     """AdamW; weight decay on matrices and conv kernels only, not on norms, biases or embeddings."""
-    decays = {n: p.dim() >= 2 and n not in ("cls", "pos") for n, p in model.named_parameters()}
-    groups = [[p for n, p in model.named_parameters() if decays[n] == d] for d in (True, False)]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # --freeze: the head
+    groups = [[p for n, p in named if (p.dim() >= 2 and n not in ("cls", "pos")) == decays]
+              for decays in (True, False)]
     return torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
                               {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr)
 
@@ -950,15 +929,17 @@ def n_batches(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: float = 1.0):
+def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: float = 1.0,
+               weight=None):
     """One AdamW step at learning rate lr on wave (B, S), soft targets (B, K), with the mean loss
-    multiplied by scale: (loss, logits (B, K))."""
+    (each class weighted by weight (K,) where given) multiplied by scale: (loss, logits (B, K))."""
     for group in opt.param_groups:
         group["lr"] = lr
     # bf16 autocast runs matmuls and convs in bfloat16 (norms, softmax and the loss stay float32)
     with torch.autocast(wave.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         logits = model(wave, lengths)
-    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+    loss = F.cross_entropy(logits.float(), target, weight=weight,
+                           label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
     (loss * scale if scale != 1 else loss).backward()
     opt.step()
@@ -979,17 +960,21 @@ def augmented_batches(waves, labels, idx, cfg, n_classes, order, lengths=None, p
         yield len(chunk), wave, target, n
 
 
-def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None):
-    """One pass over idx, each process training on its share of every batch. -> (mean loss,
-    accuracy against the dominant target) over the whole pass."""
+def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None,
+                weight=None):
+    """One pass over idx, each process training on its share of every batch, the loss weighted
+    by class where weight (K,) is given. -> (mean loss, accuracy against the dominant target)."""
     model.train()
+    for m in model.modules():  # --freeze: frozen layers keep their BatchNorm statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
+            m.eval()
     loss_sum = correct = 0.0
     for size, wave, target, n in augmented_batches(waves, labels, idx, cfg, n_classes, order,
                                                    lengths):
         # DDP averages the processes' gradients: weighting each share by its size makes that
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
-                                  scale=len(wave) * WORKER.world / size)
+                                  scale=len(wave) * WORKER.world / size, weight=weight)
         step += 1
         loss_sum += loss * len(wave)
         correct += (logits.argmax(1) == target.argmax(1)).sum().item()
@@ -1042,11 +1027,61 @@ def load_state(path: Path, cfg: Config):
     return state
 
 
+def class_weights(labels, n_classes: int, cfg: Config):
+    """Inverse class frequencies (K,), averaging 1 over the clips, when --balance is on and the
+    largest class has more than twice the clips of the smallest; else None."""
+    counts = np.bincount(np.asarray(labels), minlength=n_classes)
+    present = counts[counts > 0]
+    if not cfg.balance or present.max() <= 2 * present.min():
+        return None
+    return torch.tensor(len(labels) / (len(present) * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def limit_per_class(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n clips of each class of idx, a seeded draw (--per-class); all of them for n = 0."""
+    if not n:
+        return idx
+    rng = np.random.default_rng(seed)
+    kept = [rng.permutation(idx[labels[idx] == c])[:n] for c in np.unique(labels[idx])]
+    return np.sort(np.concatenate(kept))
+
+
+def init_parts(source_arch: str, arch: str) -> tuple:
+    """The parameter names --init carries over: the front end, and a transformer's encoder when
+    it comes from a transformer."""
+    encoder = ("cls", "pos", "blocks.", "ln.") if source_arch == arch == "transformer" else ()
+    return ("front.",) + encoder
+
+
+def init_from(model, cfg: Config, say: bool = False):
+    """--init: the front end (and encoder) of the first fold model of a finished run or a shipped
+    model, which must have read its audio as this run does; --freeze fixes those weights. say:
+    print what was carried over."""
+    source, _, (trained,) = load_fold_models(Path(cfg.init).expanduser(), folds="1")
+    differ = [f"--{k.replace('_', '-')} {getattr(source, k)}" for k in
+              ("sample_rate", "clip_seconds", "features", "dim")
+              if getattr(source, k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"--init {cfg.init}: its model was trained with {', '.join(differ)}; pass "
+                        "the same, so that it meets audio prepared as in its training")
+    parts, own = init_parts(source.arch, cfg.arch), model.state_dict()
+    model.load_state_dict({k: v for k, v in trained.state_dict().items()
+                           if k.startswith(parts) and own[k].shape == v.shape}, strict=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not (cfg.freeze and name.startswith(parts)))
+    if say:
+        print(f"--init {cfg.init}: {', '.join(parts)} of its fold-1 {source.arch}"
+              f"{' (frozen)' if cfg.freeze else ''}; a new head")
+
+
 def start_fold(cfg: Config, n_classes: int, fold: int, state_path: Path) -> tuple:
     """A fold's model, optimiser, clip order (a generator) and state, seeded with seed + fold, or
     resumed from state_path where an earlier run saved it: (model, opt, order, state)."""
     torch.manual_seed(cfg.seed + fold)
-    model = build_model(cfg, n_classes).to(WORKER.device)
+    model = build_model(cfg, n_classes)
+    if cfg.init:
+        init_from(model, cfg)
+    model = model.to(WORKER.device)
     if WORKER.world > 1 and WORKER.device.type == "cuda":  # statistics of the whole batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(cfg, model)
@@ -1093,6 +1128,9 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     its epoch, the history, the last epoch's validation probabilities (N_val, K)).
     Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
     train_idx, val_idx = split
+    train_idx = limit_per_class(train_idx, labels.numpy(), cfg.per_class, cfg.seed + fold)
+    weight = class_weights(labels[train_idx], n_classes, cfg)
+    weight = None if weight is None else weight.to(WORKER.device)
     state_path = fold_dir / "state.pt"
     model, opt, order, state = start_fold(cfg, n_classes, fold, state_path)
     net = model if WORKER.world == 1 else nn.parallel.DistributedDataParallel(
@@ -1106,7 +1144,7 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0, step = time.time(), (epoch - 1) * steps
         tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes, step,
-                                      steps * cfg.epochs, order, lengths)
+                                      steps * cfg.epochs, order, lengths, weight)
         va_loss, va_acc, final_val = evaluate(model, val_w, val_y, cfg.precision, val_n)
         row = {"epoch": epoch, "lr": lr_at(cfg, step, steps * cfg.epochs), "train_loss": tr_loss,
                "train_acc": tr_acc, "val_loss": va_loss, "val_acc": va_acc,
@@ -1207,16 +1245,6 @@ def gather_metrics(results, labels, splits, test_idx, classes) -> dict:
     return metrics
 
 
-def paired(a, b):
-    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2 or np.allclose(d, d[0]):
-        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
-    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    p = float(scipy.stats.ttest_rel(a, b).pvalue)
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), p
-
-
 # ----------------------------------------------------------------------------------------
 # result files and Weights & Biases
 # ----------------------------------------------------------------------------------------
@@ -1269,27 +1297,6 @@ def log_summary(tracker: Tracker, title: str, labels, probs, classes: list):
 # runs: the run folder, each fold's result, the whole configuration
 # ----------------------------------------------------------------------------------------
 
-def load_fold_models(run_dir: Path, folds: str = "*") -> tuple:
-    """(config, classes, the fold models) of a finished run: config.json, metrics.json and
-    fold<folds>/model.pt (every fold by default), loaded with weights_only (a model file from
-    elsewhere cannot run code)."""
-    paths = sorted(run_dir.glob(f"fold{folds}/model.pt"))
-    if not paths or not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir}: no trained run there (needs config.json and fold<i>/model.pt)")
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        fields = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{k: v for k, v in saved.items() if k in fields})
-        classes = saved["classes"]
-        models = [build_model(cfg, len(classes)) for _ in paths]
-        for model, path in zip(models, paths):
-            model.load_state_dict(load_checked(path))  # half-precision files load into float32
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{run_dir}: damaged or from another version ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
-    return cfg, classes, [m.to(WORKER.device).eval() for m in models]
-
-
 def clear_run_dir(run_dir: Path):
     """--restart: every file of the earlier run goes but its W&B runs (they may be online too)."""
     for p in sorted(run_dir.rglob("*"), reverse=True):
@@ -1320,11 +1327,16 @@ def run_lock(run_dir: Path, restart: bool = False):
 def claim_run_dir(cfg: Config, ds: Dataset, run_dir: Path) -> dict:
     """run_dir/config.json, the record of how the run started (kept when it resumes); another
     configuration under the same name is refused. -> the record."""
+    model = build_model(cfg, len(ds.classes))
+    if cfg.init:
+        init_from(model, cfg, say=WORKER.main)
+    # what a saved model needs to meet audio as in its training: the classes, sample rate, clip
+    # length (one window), window hop and features are here, the code version too
     config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
-              "classes": ds.classes, "n_clips": len(ds.table), "versions": versions(),
-              "code": code_version(), "processes": WORKER.world,
-              "device_used": str(WORKER.device),
-              "params": count_params(build_model(cfg, len(ds.classes)))}
+              "classes": ds.classes, "window_hop_seconds": cfg.clip_seconds / 2,
+              "n_clips": len(ds.table), "versions": versions(), "code": code_version(HERE),
+              "processes": WORKER.world, "device_used": str(WORKER.device),
+              "params": count_params(model)}
     old = run_dir / "config.json"
     if WORKER.main and not old.is_file():
         write_json(old, config)
@@ -1378,6 +1390,15 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
     return res
 
 
+def print_balance(cfg: Config, ds: Dataset):
+    """Whether --balance weights the loss, where the classes are over 2:1 uneven."""
+    counts = np.bincount(ds.labels.numpy(), minlength=len(ds.classes))
+    if counts.max() > 2 * counts.min():
+        how = ("weighted by inverse class frequency (--no-balance: not)" if cfg.balance
+               else "not weighted (--no-balance)")
+        print(f"uneven classes, {counts.max()} clips against {counts.min()}: the loss is {how}")
+
+
 def train_folds(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
     """Every fold trained (or read back), then the metrics and result files of the configuration."""
     if (run_dir / "metrics.json").is_file():
@@ -1387,6 +1408,7 @@ def train_folds(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
     where = f", {WORKER.world} processes" if WORKER.world > 1 else ""
     print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, test fold "
           f"{cfg.test_fold or 'none'}, {cfg.kfold} validation folds{where} on {WORKER.device.type}")
+    print_balance(cfg, ds)
     tracker = make_tracker(cfg, run_dir, config)
     progress = print_progress_factory(cfg.epochs, cfg.kfold)
     results = [fold_result(cfg, run_dir, clips, ds, fold, tracker, progress)

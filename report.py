@@ -13,6 +13,7 @@ imports this module for --report.
 import base64
 import dataclasses
 import json
+import math
 import sys
 from html import escape
 from pathlib import Path
@@ -20,17 +21,28 @@ from pathlib import Path
 import audiotx  # before torch: it sets OpenMP's spin count, which torch reads once
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from audiotx import (UserError, load_clips, load_dataset, load_fold_models, paired, read_csv,
-                     scored_split, write_text)
+from audiotx import UserError, load_clips, load_dataset, load_fold_models, scored_split, write_text
+from files import read_csv
 from layouts import clip_name
 from plot import heat_colors, nice_ticks, png, svg_lines, svg_open
 
 # ----------------------------------------------------------------------------------------
 # REPORT.md, its tables and figures
 # ----------------------------------------------------------------------------------------
+
+
+def paired(a, b):
+    """Mean of a - b over paired folds, its 95% t interval and the paired t-test p-value."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return float(d.mean()), float(d.mean()), float(d.mean()), 1.0 if np.allclose(d, 0) else 0.0
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    p = float(scipy.stats.ttest_rel(a, b).pvalue)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), p
 
 
 def svg_confusion(cm, classes, title):
@@ -231,7 +243,7 @@ def tuning_section(root: Path) -> list:
                         "`config.json`. `python audiotx.py --arch ARCH --tune N --out DIR` tunes "
                         "on the validation folds and `run.sh` then uses its `best.json`.", ""]
     for path in tunings:
-        best, trials = json.loads(path.read_text()), read_csv(path.parent / "trials.csv")
+        best, trials = json.loads(path.read_text())(path.parent / "trials.csv")
         lines += [f"### {best['arch']}: best validation score {best['score']:.3f} "
                   f"(trial {best['trial']})", "", "`" + json.dumps(best["hparams"]) + "`", "",
                   "| " + " | ".join(trials[0]) + " |", "|" + "---|" * len(trials[0])]

@@ -210,8 +210,9 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
 
 # ---- layout ----
 
-OURS = {"audiotx", "decode", "fetch", "layouts", "logs", "plot", "predict", "processes", "report", "tools"}
-LEAVES = {"decode", "fetch", "layouts", "logs", "plot", "processes"}
+OURS = {"audiotx", "decode", "fetch", "files", "layouts", "logs", "plot", "predict", "processes", "report",
+        "tools"}
+LEAVES = {"decode", "fetch", "files", "layouts", "logs", "plot", "processes"}
 
 
 def module_imports(name: str) -> set:
@@ -282,10 +283,10 @@ def test_main_hands_each_command_to_its_module(flags, tool):
 
 def test_help_lists_every_flag_with_its_text(capsys):
     code, out, _ = cli(["--help"], capsys)
-    text = " ".join(out.split())  # argparse wraps the lines
+    text = "".join(out.split())  # argparse wraps the lines, at spaces and hyphens
     assert code == 0
     for f in dataclasses.fields(audiotx.Config):
-        assert "--" + f.name.replace("_", "-") in text and f.metadata["help"] in text, f.name
+        assert "--" + f.name.replace("_", "-") in text and "".join(f.metadata["help"].split()) in text, f.name
 
 
 # ---- model ----
@@ -1068,6 +1069,61 @@ def test_predict_py_and_report_py_run_as_commands_of_their_own(trained, tmp_path
 
 
 @pytest.mark.slow
+def test_init_starts_from_a_runs_front_end_and_encoder_and_freeze_keeps_them(trained, tmp_path, monkeypatch, capsys):
+    """The own-sounds table is new to the model: 3 other classes; the trained run's fold 1 is the source."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    _, source = trained
+    root = class_folders(tmp_path / "mine", per_class=5, classes=("a", "b", "c", "d"))
+    flags = ["--data", str(root), "--sample-rate", "8000", "--clip-seconds", "1", "--dim", "16", "--epochs", "2",
+             "--init", str(source), "--out", str(tmp_path / "runs")]
+    before = torch.load(source / "fold1" / "model.pt")
+    for freeze in (False, True):
+        code, out, err = cli(flags + (["--freeze"] if freeze else []) + ["--name", f"freeze{freeze}"], capsys)
+        assert code == 0, err
+        assert f"--init {source}: front., cls, pos, blocks., ln. of its fold-1 transformer" in out
+        run = tmp_path / "runs" / f"freeze{freeze}"
+        after = torch.load(run / "fold2" / "model.pt")
+        assert after["head.net.3.weight"].shape == (4, 16)  # a new head for 4 classes
+        encoder = [k for k in before if not k.startswith("head.")]
+        same = [torch.equal(before[k].float(), after[k].float()) for k in encoder]
+        assert all(same) if freeze else not all(same)  # frozen: the front end and encoder as loaded
+        params = json.loads((run / "config.json").read_text())["params"]
+        frozen = sum(v.numel() for k, v in before.items() if not k.startswith("head.") and "running" not in k
+                     and "num_batches" not in k)
+        assert params["non_trainable"] == (frozen if freeze else 0)
+    code, _, err = cli(flags + ["--sample-rate", "16000", "--name", "other"], capsys)
+    assert_one_line_error(code, err, "its model was trained with --sample-rate 8000")
+
+
+def test_class_weights_and_per_class_limits():
+    cfg = audiotx.Config()
+    assert audiotx.class_weights(np.array([0] * 10 + [1] * 6), 2, cfg) is None  # within 2:1
+    labels = np.array([0] * 40 + [1] * 4 + [2] * 20)
+    w = audiotx.class_weights(labels, 3, cfg)
+    assert w.tolist() == pytest.approx([64 / 120, 64 / 12, 64 / 60])  # inverse frequency, mean 1 a clip
+    assert float(w[labels].mean()) == pytest.approx(1.0)
+    assert audiotx.class_weights(labels, 3, dataclasses.replace(cfg, balance=False)) is None
+    idx = np.arange(64)
+    kept = audiotx.limit_per_class(idx, labels, 5, seed=3)
+    assert np.bincount(labels[kept]).tolist() == [5, 4, 5] and set(kept) <= set(idx)
+    assert np.array_equal(kept, audiotx.limit_per_class(idx, labels, 5, seed=3))
+    assert np.array_equal(audiotx.limit_per_class(idx, labels, 0, seed=3), idx)
+
+
+def test_an_uneven_dataset_says_its_loss_is_weighted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = class_folders(tmp_path / "mine", per_class=5, classes=("few", "many"))
+    for j in range(5, 12):
+        tone(root / "many" / f"more {j}.wav", 600, seed=j)
+    flags = ["--data", str(root), "--sample-rate", "8000", "--clip-seconds", "1", "--dim", "16", "--epochs", "1",
+             "--out", str(tmp_path / "runs")]
+    code, out, err = cli(flags, capsys)
+    assert code == 0 and "uneven classes, 12 clips against 5: the loss is weighted" in out, err
+
+
+@pytest.mark.slow
 @needs_real_data
 def test_the_shipped_model_classifies_official_fold_1(capsys):
     """The model in the repository was never trained on fold 1: it must still classify it well."""
@@ -1574,7 +1630,7 @@ def test_spectrogram_view_embeds_the_picture_it_was_given():
 
 def test_paired_comparison_matches_scipy():
     a, b = [0.80, 0.75, 0.85, 0.78], [0.70, 0.74, 0.80, 0.71]
-    mean, lo, hi, p = audiotx.paired(a, b)
+    mean, lo, hi, p = report.paired(a, b)
     d = np.subtract(a, b)
     assert mean == pytest.approx(d.mean())
     assert p == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from audiotx import (Config, Dataset, build_model, count_params, evaluate, make_optimizer,
-                     read_csv, train_epoch, train_fold, train_step, versions, write_json,
+                     train_epoch, train_fold, train_step, versions, write_json,
                      write_rows, write_text)
+from files import read_csv
 from plot import svg_lines
 from processes import WORKER, broadcast_from_rank0, to_device
 
