@@ -34,12 +34,12 @@ def audio_files(paths: list) -> list:
     return files
 
 
-def windows(wave, n: int) -> tuple:
+def windows(wave, n: int, hop: int) -> tuple:
     """A wave (L,) as clip-length windows (W, n): a shorter one padded as in training, a longer one
-    cut at a hop of half a window, the last ending at the end. -> (windows, starts in samples)."""
+    cut every hop samples, the last ending at the end. -> (windows, starts in samples)."""
     if len(wave) <= n:
         return F.pad(wave, (0, n - len(wave)))[None], [0]
-    starts = list(range(0, len(wave) - n + 1, n // 2))
+    starts = list(range(0, len(wave) - n + 1, hop))
     starts += [len(wave) - n] if starts[-1] != len(wave) - n else []
     return torch.stack([wave[s:s + n] for s in starts]), starts
 
@@ -72,6 +72,8 @@ def command(cfg: audiotx.Config) -> int:
     run_cfg, classes, models = load_fold_models(run_dir)
     precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
     n, rate = run_cfg.n_samples, run_cfg.sample_rate
+    saved = json.loads((run_dir / "config.json").read_text())  # the run's window hop, where saved
+    hop = round(saved.get("window_hop_seconds", run_cfg.clip_seconds / 2) * rate)
     decoded, failed = [], 0
     for path in audio_files(cfg.predict):
         try:
@@ -81,7 +83,7 @@ def command(cfg: audiotx.Config) -> int:
             failed += 1
             continue
         wave = torch.from_numpy(to_rate(wave, file_rate, rate))
-        decoded.append((path, len(wave) / rate, *windows(wave, n)))
+        decoded.append((path, len(wave) / rate, *windows(wave, n, hop)))
     if decoded:  # every window of every file in one pass of batches, through each fold model
         wins = torch.cat([d[2] for d in decoded])  # (W, S): every file's windows
         probs = sum(predict(m, wins, precision) for m in models) / len(models)  # (W, K)
