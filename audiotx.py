@@ -1070,7 +1070,8 @@ def init_from(model, cfg: Config, say: bool = False):
     for name, p in model.named_parameters():
         p.requires_grad_(not (cfg.freeze and name.startswith(parts)))
     if say:
-        print(f"--init {cfg.init}: {', '.join(parts)} of its fold-1 {source.arch}"
+        what = "front end and encoder" if len(parts) > 1 else "front end"
+        print(f"--init {cfg.init}: the {what} of its fold-1 {source.arch}"
               f"{' (frozen)' if cfg.freeze else ''}; a new head")
 
 

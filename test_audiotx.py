@@ -1081,7 +1081,7 @@ def test_init_starts_from_a_runs_front_end_and_encoder_and_freeze_keeps_them(tra
     for freeze in (False, True):
         code, out, err = cli(flags + (["--freeze"] if freeze else []) + ["--name", f"freeze{freeze}"], capsys)
         assert code == 0, err
-        assert f"--init {source}: front., cls, pos, blocks., ln. of its fold-1 transformer" in out
+        assert f"--init {source}: the front end and encoder of its fold-1 transformer" in out
         run = tmp_path / "runs" / f"freeze{freeze}"
         after = torch.load(run / "fold2" / "model.pt")
         assert after["head.net.3.weight"].shape == (4, 16)  # a new head for 4 classes
