@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 import decode
 import fetch
+from clips import Clips, to_int16
 import layouts
 from files import code_version, csv_text, replace_with, shown_path, versions
 from logs import Tracker, print_progress_factory, print_summary, wandb_mode
@@ -59,7 +60,7 @@ from processes import (WORKER, DeviceError, all_sum, barrier, gather_rows, rng_s
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parent / "shared" / "data" / "ESC-10", HERE / "data" / "ESC-50"]
-CACHE_VERSION = 2  # bump when the cached waveform format changes
+CACHE_VERSION = 3  # bump when the cached waveform format changes
 
 
 class UserError(Exception):
@@ -411,7 +412,7 @@ def cache_path(audio_dir: Path, table: list, cfg: Config) -> Path:
     for r in table:
         st = (audio_dir / r["filename"]).stat()
         h.update(f"{layouts.clip_name(r)} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return cache_root() / f"waves-{h.hexdigest()[:16]}.npy"
+    return cache_root() / f"waves-{h.hexdigest()[:16]}.i16"
 
 
 def to_rate(wave, rate: int, target_rate: int):
@@ -420,15 +421,6 @@ def to_rate(wave, rate: int, target_rate: int):
         return wave
     g = math.gcd(rate, target_rate)
     return scipy.signal.resample_poly(wave, target_rate // g, rate // g).astype(np.float32)
-
-
-def fit_clip(wave, rate, target_rate, n_samples):
-    """Resample to target_rate, then pad with zeros or crop (centred) to n_samples."""
-    wave = to_rate(wave, rate, target_rate)
-    if len(wave) < n_samples:
-        return np.pad(wave, (0, n_samples - len(wave)))
-    start = (len(wave) - n_samples) // 2
-    return wave[start:start + n_samples]
 
 
 def cut_segment(path, wave, rate: int, row: dict):
@@ -443,62 +435,59 @@ def cut_segment(path, wave, rate: int, row: dict):
     return wave[first:last]
 
 
-def decode_clips(audio_dir: Path, table: list, cfg: Config) -> tuple:
-    """Decode and resample every clip: waves (N, S) float32 and each clip's length in samples
-    before padding (N,) int64. Counts what needed fixing."""
-    waves = np.zeros((len(table), cfg.n_samples), dtype=np.float32)
+def decode_clips(audio_dir: Path, table: list, cfg: Config, store: Path) -> np.ndarray:
+    """Decode every clip, resampled, into the file store as 16-bit samples one clip after the
+    other, a file at a time: -> each clip's length in samples (N,). Counts what needed fixing."""
     lengths = np.zeros(len(table), dtype=np.int64)
     rates, seconds, multichannel = [], [], 0
     t0 = time.time()
-    for i, r in enumerate(table):
-        path = audio_dir / r["filename"]
-        rate, data = read_audio(path)
-        wave = cut_segment(path, to_mono_float(path, data), rate, r)
-        multichannel += data.ndim == 2 and data.shape[1] > 1
-        rates.append(rate)
-        seconds.append(len(wave) / rate)
-        waves[i] = fit_clip(wave, rate, cfg.sample_rate, cfg.n_samples)
-        # resample_poly's output length
-        lengths[i] = min(cfg.n_samples, math.ceil(len(wave) * cfg.sample_rate / rate))
-        if (i + 1) % 100 == 0 or i + 1 == len(table):
-            print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="",
-                  flush=True)
+    with open(store, "wb") as out:
+        for i, r in enumerate(table):
+            path = audio_dir / r["filename"]
+            rate, data = read_audio(path)
+            wave = cut_segment(path, to_mono_float(path, data), rate, r)
+            multichannel += data.ndim == 2 and data.shape[1] > 1
+            rates.append(rate)
+            seconds.append(len(wave) / rate)
+            samples = to_int16(to_rate(wave, rate, cfg.sample_rate))
+            out.write(samples.tobytes())
+            lengths[i] = len(samples)
+            if (i + 1) % 100 == 0 or i + 1 == len(table):
+                print(f"\rdecoding {i + 1}/{len(table)} clips ({time.time() - t0:.1f}s)", end="",
+                      flush=True)
     print()
     common = max(set(rates), key=rates.count)
     odd = {f"a sample rate other than {common} Hz (resampled)": sum(r != common for r in rates),
-           f"a length other than {cfg.clip_seconds:g} s (padded or cropped)":
+           f"a length other than {cfg.clip_seconds:g} s (padded, or read as windows)":
                sum(abs(s - cfg.clip_seconds) > 1e-3 for s in seconds),
            "more than one channel (mixed down to mono)": multichannel}
     for what, count in odd.items():
         if count:
             print(f"warning: {count} of {len(table)} clips had {what}")
-    return waves, lengths
+    return lengths
 
 
-def clips_and_lengths(waves: np.ndarray, lengths: np.ndarray) -> tuple:
-    full = bool((lengths == waves.shape[1]).all())
-    return torch.from_numpy(waves), None if full else torch.from_numpy(lengths)
-
-
-def load_clips(audio_dir: Path, table: list, cfg: Config) -> tuple:
-    """All clips as one (N, S) float32 tensor, decoded once and cached on disk, and their lengths
-    in samples (N,), or None when every clip fills S (then nothing needs masking)."""
+def load_clips(audio_dir: Path, table: list, cfg: Config) -> Clips:
+    """Every clip at the model's rate, 16-bit, in one store (clips.py), decoded once and cached
+    on disk: a raw file of the samples, and the lengths' file, written last, marking it whole."""
     path = cache_path(audio_dir, table, cfg)
     lengths_path = path.with_name(path.stem + "-lengths.npy")
-    if path.is_file():
+    if lengths_path.is_file():
         try:
-            waves, lengths = np.load(path), np.load(lengths_path)
-            whole = waves.shape == (len(table), cfg.n_samples) and lengths.shape == (len(table),)
-            if whole and waves.dtype == np.float32:
-                return clips_and_lengths(waves, lengths)
+            lengths, store = np.load(lengths_path), np.fromfile(path, dtype=np.int16)
+            if lengths.shape == (len(table),) and store.size == lengths.sum():
+                return Clips(torch.from_numpy(store), torch.from_numpy(lengths), cfg.n_samples)
         except (ValueError, OSError, EOFError):
             pass
         print(f"warning: cache {path} is damaged; rebuilding it")
-    waves, lengths = decode_clips(audio_dir, table, cfg)
+        lengths_path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
-    for array, final in [(lengths, lengths_path), (waves, path)]:  # the waves' file marks it whole
-        replace_with(final, lambda tmp: np.save(tmp, array))
-    return clips_and_lengths(waves, lengths)
+    decoded = {}
+    replace_with(path, lambda tmp: decoded.update(lengths=decode_clips(audio_dir, table, cfg,
+                                                                       tmp)))
+    replace_with(lengths_path, lambda tmp: np.save(tmp, decoded["lengths"]))
+    return Clips(torch.from_numpy(np.fromfile(path, dtype=np.int16)),
+                 torch.from_numpy(decoded["lengths"]), cfg.n_samples)
 
 
 def deal_groups(groups, labels, k):
@@ -946,21 +935,22 @@ def train_step(model, opt, wave, target, cfg, lr: float, lengths=None, scale: fl
     return loss.item(), logits.detach()
 
 
-def augmented_batches(waves, labels, idx, cfg, n_classes, order, lengths=None, part=None):
+def augmented_batches(clips: Clips, labels, idx, cfg, n_classes, order, part=None):
     """One pass over idx in the random order drawn from the generator `order` (the same in every
-    process), augmented: (the batch's size, wave (b, S), targets (b, K), lengths (b,) or None) of
-    this process's share b of each batch. part = (rank, world) to take a share as another."""
+    process), a window of each clip (a random crop of a longer one), augmented: (the batch's
+    size, wave (b, S), targets (b, K), lengths (b,) or None) of this process's share b of each
+    batch. part = (rank, world) to take a share as another."""
     rank, world = part or (WORKER.rank, WORKER.world)
     perm = torch.from_numpy(idx)[torch.randperm(len(idx), generator=order)]
     for chunk in perm.tensor_split(n_batches(len(idx), cfg.batch_size)):
         share = chunk[rank::world]  # (b,)
-        n = None if lengths is None else lengths[share].to(WORKER.device)
-        wave, target, n = augment(waves[share].to(WORKER.device), labels[share].to(WORKER.device),
-                                  n_classes, cfg, n)
+        wave, n = clips.crops(share)
+        wave, target, n = augment(wave.to(WORKER.device), labels[share].to(WORKER.device),
+                                  n_classes, cfg, None if n is None else n.to(WORKER.device))
         yield len(chunk), wave, target, n
 
 
-def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, order, lengths=None,
+def train_epoch(model, opt, clips: Clips, labels, idx, cfg, n_classes, step, total, order,
                 weight=None):
     """One pass over idx, each process training on its share of every batch, the loss weighted
     by class where weight (K,) is given. -> (mean loss, accuracy against the dominant target)."""
@@ -969,8 +959,7 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
             m.eval()
     loss_sum = correct = 0.0
-    for size, wave, target, n in augmented_batches(waves, labels, idx, cfg, n_classes, order,
-                                                   lengths):
+    for size, wave, target, n in augmented_batches(clips, labels, idx, cfg, n_classes, order):
         # DDP averages the processes' gradients: weighting each share by its size makes that
         # the gradient of the whole batch's mean loss, as in one process
         loss, logits = train_step(model, opt, wave, target, cfg, lr_at(cfg, step, total), n,
@@ -983,7 +972,7 @@ def train_epoch(model, opt, waves, labels, idx, cfg, n_classes, step, total, ord
 
 
 @torch.no_grad()
-def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
+def predict(model, waves, lengths=None, precision: str = "fp32", batch_size=32):
     """Class probabilities (N, K) in eval mode, each process predicting every world-th clip.
     bf16 runs the model as the training steps do; batches of 32 keep the stem's output in cache."""
     model = getattr(model, "module", model)  # not through DDP, which would sync buffers each call
@@ -997,10 +986,26 @@ def predict(model, waves, precision: str = "fp32", lengths=None, batch_size=32):
     return gather_rows(torch.cat(probs) if probs else None)
 
 
-def evaluate(model, waves, labels, precision: str = "fp32", lengths=None):
-    """(loss, accuracy, probs) on clips without augmentation."""
-    probs = predict(model, waves, precision, lengths)
-    labels = labels.cpu()
+def predict_windows(model, clips: Clips, rows: list, precision: str = "fp32", block: int = 256):
+    """Class probabilities (W, K) of the windows rows ((clip, offset) pairs), read a block at a
+    time so that a long recording never sits in memory as floats."""
+    return torch.cat([predict(model, *clips.read(rows[first:first + block]), precision=precision)
+                      for first in range(0, len(rows), block)])
+
+
+def predict_clips(model, clips: Clips, idx, precision: str = "fp32"):
+    """Class probabilities (N, K) of the clips idx, each the mean over its windows (one window
+    for a clip no longer than the model's input)."""
+    rows, owner = clips.windows(torch.as_tensor(idx), clips.n // 2)  # the windows, their clip
+    probs = predict_windows(model, clips, rows, precision)  # (W, K)
+    sums = torch.zeros(len(idx), probs.shape[1], dtype=probs.dtype).index_add_(0, owner, probs)
+    return sums / torch.bincount(owner, minlength=len(idx))[:, None]
+
+
+def evaluate(model, clips: Clips, idx, labels, precision: str = "fp32"):
+    """(loss, accuracy, probs) on the clips idx without augmentation."""
+    probs = predict_clips(model, clips, idx, precision)
+    labels = labels[idx].cpu()
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return loss, (probs.argmax(1) == labels).float().mean().item(), probs
 
@@ -1123,8 +1128,8 @@ def tested_model(cfg: Config, model, state: dict) -> tuple:
     return model, state["best"]["epoch"]
 
 
-def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, tracker, progress,
-               lengths=None):
+def train_fold(cfg, clips: Clips, labels, split, fold, fold_dir: Path, n_classes, tracker,
+               progress):
     """Train one fold for cfg.epochs, resuming from fold_dir/state.pt. Returns (the tested model,
     its epoch, the history, the last epoch's validation probabilities (N_val, K)).
     Under torchrun every process holds the same model, wrapped in DistributedDataParallel."""
@@ -1139,14 +1144,12 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
     tracker.start(f"fold{fold}")
     for row in state["history"]:
         tracker.log(row)  # a resumed fold's W&B run still shows every epoch
-    val_w, val_y = waves[val_idx], labels[val_idx]
-    val_n = None if lengths is None else lengths[val_idx]
     steps, final_val = n_batches(len(train_idx), cfg.batch_size), None
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0, step = time.time(), (epoch - 1) * steps
-        tr_loss, tr_acc = train_epoch(net, opt, waves, labels, train_idx, cfg, n_classes, step,
-                                      steps * cfg.epochs, order, lengths, weight)
-        va_loss, va_acc, final_val = evaluate(model, val_w, val_y, cfg.precision, val_n)
+        tr_loss, tr_acc = train_epoch(net, opt, clips, labels, train_idx, cfg, n_classes, step,
+                                      steps * cfg.epochs, order, weight)
+        va_loss, va_acc, final_val = evaluate(model, clips, val_idx, labels, cfg.precision)
         row = {"epoch": epoch, "lr": lr_at(cfg, step, steps * cfg.epochs), "train_loss": tr_loss,
                "train_acc": tr_acc, "val_loss": va_loss, "val_acc": va_acc,
                "seconds": time.time() - t0}
@@ -1156,7 +1159,7 @@ def train_fold(cfg, waves, labels, split, fold, fold_dir: Path, n_classes, track
         tracker.log(row)
         progress(fold, row)
     if final_val is None:  # resumed after its last epoch: the saved weights are that epoch's
-        final_val = predict(model, val_w, cfg.precision, val_n)
+        final_val = predict_clips(model, clips, val_idx, cfg.precision)
     return *tested_model(cfg, model, state), state["history"], final_val
 
 
@@ -1353,15 +1356,15 @@ def claim_run_dir(cfg: Config, ds: Dataset, run_dir: Path) -> dict:
     return config
 
 
-def load_clips_once(ds: Dataset, cfg: Config) -> tuple:
+def load_clips_once(ds: Dataset, cfg: Config) -> Clips:
     """load_clips, the cache built by one process per machine while the others wait; on the
     device where it fits."""
     if WORKER.local_rank == 0:
-        waves, lengths = load_clips(ds.audio_dir, ds.table, cfg)
+        clips = load_clips(ds.audio_dir, ds.table, cfg)
     barrier()
     if WORKER.local_rank:
-        waves, lengths = load_clips(ds.audio_dir, ds.table, cfg)
-    return to_device(waves), to_device(lengths)
+        clips = load_clips(ds.audio_dir, ds.table, cfg)
+    return clips.to(to_device(clips.store).device)
 
 
 def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> dict:
@@ -1372,11 +1375,10 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
         fold_dir.mkdir(exist_ok=True)
     if (fold_dir / "result.pt").is_file():
         return load_checked(fold_dir / "result.pt")
-    (waves, lengths), split, test_idx = clips, ds.splits[fold - 1], ds.test_idx
-    model, epoch, history, final_val = train_fold(cfg, waves, ds.labels, split, fold, fold_dir,
-                                                  len(ds.classes), tracker, progress, lengths)
-    predict_on = lambda idx: predict(model, waves[idx], cfg.precision,  # noqa: E731
-                                     None if lengths is None else lengths[idx])
+    split, test_idx = ds.splits[fold - 1], ds.test_idx
+    model, epoch, history, final_val = train_fold(cfg, clips, ds.labels, split, fold, fold_dir,
+                                                  len(ds.classes), tracker, progress)
+    predict_on = lambda idx: predict_clips(model, clips, idx, cfg.precision)  # noqa: E731
     res = {"chosen_epoch": epoch, "seconds": sum(r["seconds"] for r in history),
            "val_final": final_val, "val": predict_on(split[1]),
            "test": predict_on(test_idx) if len(test_idx) else None}
@@ -1405,7 +1407,7 @@ def train_folds(cfg: Config, run_dir: Path, config: dict, ds: Dataset) -> dict:
     if (run_dir / "metrics.json").is_file():
         print(f"{run_dir}: complete; nothing to do (--restart retrains it)")
         return json.loads((run_dir / "metrics.json").read_text())
-    clips = load_clips_once(ds, cfg)  # waves (N, S), lengths (N,) or None
+    clips = load_clips_once(ds, cfg)
     where = f", {WORKER.world} processes" if WORKER.world > 1 else ""
     print(f"{run_dir}: {cfg.arch} on {len(ds.table)} clips, {len(ds.classes)} classes, test fold "
           f"{cfg.test_fold or 'none'}, {cfg.kfold} validation folds{where} on {WORKER.device.type}")

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import audiotx  # before torch: it sets OpenMP's spin count, which torch reads once
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from audiotx import UserError, load_audio, load_fold_models, predict, resolve_precision, to_rate
+from audiotx import (UserError, load_audio, load_fold_models, predict_windows, resolve_precision,
+                     to_rate)
+from clips import Clips, to_int16
 from layouts import is_audio
 
 SHIPPED_MODEL = audiotx.HERE / "models" / "esc10-cnn-test1-k4"  # what --predict uses without --run
@@ -32,16 +34,6 @@ def audio_files(paths: list) -> list:
     for p in map(Path, paths):
         files += sorted(q for q in p.rglob("*") if is_audio(q)) if p.is_dir() else [p]
     return files
-
-
-def windows(wave, n: int, hop: int) -> tuple:
-    """A wave (L,) as clip-length windows (W, n): a shorter one padded as in training, a longer one
-    cut every hop samples, the last ending at the end. -> (windows, starts in samples)."""
-    if len(wave) <= n:
-        return F.pad(wave, (0, n - len(wave)))[None], [0]
-    starts = list(range(0, len(wave) - n + 1, hop))
-    starts += [len(wave) - n] if starts[-1] != len(wave) - n else []
-    return torch.stack([wave[s:s + n] for s in starts]), starts
 
 
 def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bool, rate: int,
@@ -64,34 +56,43 @@ def prediction_line(path, seconds, starts, window_s, probs, classes, as_json: bo
     return json.dumps(out)
 
 
-def command(cfg: audiotx.Config) -> int:
-    """--predict: the fold models' averaged probabilities for each file (each window's, averaged
-    over its windows); one line per file, or JSON lines. A file that cannot be read is named on
-    stderr and skipped; the exit status is then 2."""
-    run_dir = Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL
-    run_cfg, classes, models = load_fold_models(run_dir)
-    precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
-    n, rate = run_cfg.n_samples, run_cfg.sample_rate
-    saved = json.loads((run_dir / "config.json").read_text())  # the run's window hop, where saved
-    hop = round(saved.get("window_hop_seconds", run_cfg.clip_seconds / 2) * rate)
-    decoded, failed = [], 0
-    for path in audio_files(cfg.predict):
+def read_files(paths: list, rate: int, n: int) -> tuple:
+    """Every readable file of paths at the model's rate, in one 16-bit store as training holds
+    its clips: (the files, their Clips); a file that cannot be read is named on stderr."""
+    files, samples, failed = [], [], 0
+    for path in audio_files(paths):
         try:
             wave, file_rate = load_audio(path)
         except UserError as e:  # it names the file and what is wrong with it
             print(f"audiotx: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        wave = torch.from_numpy(to_rate(wave, file_rate, rate))
-        decoded.append((path, len(wave) / rate, *windows(wave, n, hop)))
-    if decoded:  # every window of every file in one pass of batches, through each fold model
-        wins = torch.cat([d[2] for d in decoded])  # (W, S): every file's windows
-        probs = sum(predict(m, wins, precision) for m in models) / len(models)  # (W, K)
-        width = max(len(str(d[0])) for d in decoded)
-        per_file = probs.split([len(d[3]) for d in decoded])
-        for (path, seconds, _, starts), p in zip(decoded, per_file):
-            print(prediction_line(path, seconds, starts, n / rate, p, classes, cfg.json, rate,
-                                  width))
+        files.append(path)
+        samples.append(to_int16(to_rate(wave, file_rate, rate)))
+    lengths = torch.tensor([len(s) for s in samples], dtype=torch.int64)
+    store = torch.from_numpy(np.concatenate(samples) if samples else np.zeros(0, np.int16))
+    return files, Clips(store, lengths, n), failed
+
+
+def command(cfg: audiotx.Config) -> int:
+    """--predict: the fold models' averaged probabilities for each file (each window's, averaged
+    over its windows, the windows evaluation reads); one line per file, or JSON lines. A file
+    that cannot be read is named on stderr and skipped; the exit status is then 2."""
+    run_dir = Path(cfg.run).expanduser() if cfg.run else SHIPPED_MODEL
+    run_cfg, classes, models = load_fold_models(run_dir)
+    precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
+    n, rate = run_cfg.n_samples, run_cfg.sample_rate
+    saved = json.loads((run_dir / "config.json").read_text())  # the run's window hop, where saved
+    hop = round(saved.get("window_hop_seconds", run_cfg.clip_seconds / 2) * rate)
+    files, clips, failed = read_files(cfg.predict, rate, n)
+    if files:  # every window of every file in one pass of batches, through each fold model
+        rows, owner = clips.windows(torch.arange(len(files)), hop)
+        probs = sum(predict_windows(m, clips, rows, precision) for m in models) / len(models)
+        width = max(len(str(f)) for f in files)
+        for i, path in enumerate(files):
+            starts = [s for (c, s) in rows if c == i]
+            print(prediction_line(path, int(clips.lengths[i]) / rate, starts, n / rate,
+                                  probs[owner == i], classes, cfg.json, rate, width))
     return 2 if failed else 0
 
 

@@ -392,6 +392,11 @@ def chosen_clips(run) -> list:
     return picked
 
 
+def first_window(held, i: int):
+    """Clip i of a Clips as its first window (the whole clip, padded, where it is shorter)."""
+    return held.read([(i, 0)])[0][0]  # (S,)
+
+
 def explain_section(best, runs, fig_dir: Path) -> list:
     """Grad-CAM of the best configuration's fold-1 model on two clips per class, and the <cls>
     attention of every transformer of the same split on two of those clips."""
@@ -404,7 +409,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
     try:
         data = cfg.data if Path(cfg.data).expanduser().exists() else ""  # else found as usual
         ds = load_dataset(dataclasses.replace(cfg, data=data))
-        waves, _ = load_clips(ds.audio_dir, ds.table, cfg)
+        held = load_clips(ds.audio_dir, ds.table, cfg)
     except UserError as e:
         return lines + [f"No figures: {e}", ""]
     index = {clip_name(r): i for i, r in enumerate(ds.table)}
@@ -415,7 +420,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
               "time, on its surest right and surest wrong clip of each class, over the clip's "
               "log-mel spectrogram.", ""]
     for r in clips:
-        wave, pred = waves[index[r["filename"]]], int(r["pred"])
+        wave, pred = first_window(held, index[r["filename"]]), int(r["pred"])
         name = f"gradcam-{best['name']}-{Path(r['filename']).stem}.svg"
         draw(name, wave, title=f"{r['filename']}: true {classes[int(r['label'])]}, predicted "
              f"{classes[pred]}", curve=(f"Grad-CAM ({classes[pred]})",
@@ -428,7 +433,7 @@ def explain_section(best, runs, fig_dir: Path) -> list:
                 and r["config"]["arch"] == "transformer"):
         loaded = fold_model_1(run)
         for r in clips[:2] if loaded else []:
-            wave = waves[index[r["filename"]]]
+            wave = first_window(held, index[r["filename"]])
             per_head, rollout = cls_attention(loaded[1], wave)
             rows = [(f"head {h + 1}", a.numpy()) for h, a in enumerate(per_head[-1])]
             name = f"attention-{run['name']}-{Path(r['filename']).stem}.svg"

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import audiotx
+import clips
 import decode
 import fetch
 import layouts
@@ -210,9 +211,9 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
 
 # ---- layout ----
 
-OURS = {"audiotx", "decode", "fetch", "files", "layouts", "logs", "plot", "predict", "processes", "report",
-        "tools"}
-LEAVES = {"decode", "fetch", "files", "layouts", "logs", "plot", "processes"}
+OURS = {"audiotx", "clips", "decode", "fetch", "files", "layouts", "logs", "plot", "predict", "processes",
+        "report", "tools"}
+LEAVES = {"clips", "decode", "fetch", "files", "layouts", "logs", "plot", "processes"}
 
 
 def module_imports(name: str) -> set:
@@ -548,13 +549,44 @@ def test_big_endian_and_64_bit_samples_read_as_their_values():
         assert np.array_equal(audiotx.to_mono_float("x.wav", samples), expect), dtype
 
 
-def test_fit_clip_resamples_pads_and_crops():
+def test_resampling_keeps_the_tone_and_16_bit_storage_round_trips():
     tone = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
-    out = audiotx.fit_clip(tone, 44100, 16000, 32000)
-    assert out.shape == (32000,) and np.all(out[16000:] == 0)  # 1 s of audio, then 1 s of padding
-    spectrum = np.abs(np.fft.rfft(out[:16000]))
-    assert abs(np.argmax(spectrum) - 440) <= 1  # the tone is still at 440 Hz after resampling
-    assert audiotx.fit_clip(tone, 44100, 44100, 1000).shape == (1000,)
+    out = audiotx.to_rate(tone, 44100, 16000)
+    assert out.shape == (16000,) and out.dtype == np.float32
+    assert abs(np.argmax(np.abs(np.fft.rfft(out))) - 440) <= 1  # the tone is still at 440 Hz
+    assert audiotx.to_rate(tone, 44100, 44100) is tone
+    samples = np.array([-32768, -1, 0, 1, 32767], dtype=np.int16)
+    assert np.array_equal(clips.to_int16(samples / 32768.0), samples)  # a 16-bit file is stored as it is
+    assert clips.to_int16(np.array([1.5, -2.0])).tolist() == [32767, -32768]  # the loudest clipped
+
+
+def test_clips_pad_the_short_crop_the_long_anew_and_window_them_as_prediction_does():
+    n, hop = 8000, 4000
+    lengths = torch.tensor([3000, 8000, 20500])
+    store = torch.arange(int(lengths.sum()), dtype=torch.int64).remainder(30000).to(torch.int16)
+    held = clips.Clips(store, lengths, n)
+    assert held.starts.tolist() == [0, 3000, 11000]
+    wave, got = held.read([(0, 0), (1, 0)])
+    assert wave.shape == (2, n) and got.tolist() == [3000, 8000] and wave[0, 3000:].abs().sum() == 0
+    torch.testing.assert_close(wave[1], store[3000:11000].float() / 32768)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(20):  # the long clip: a window at a random place inside it, a new one each time
+        wave, got = held.crops(torch.tensor([2]))
+        first = int(round(float(wave[0, 0]) * 32768)) - int(store[11000])
+        offsets.add(first)
+        assert got is None and 0 <= first <= 20500 - n
+        torch.testing.assert_close(wave[0], store[11000 + first:11000 + first + n].float() / 32768)
+    assert len(offsets) > 10
+    rows, owner = held.windows(torch.tensor([2, 0]), hop)
+    assert rows == [(2, 0), (2, 4000), (2, 8000), (2, 12000), (2, 12500), (0, 0)]  # the last ends at the end
+    assert owner.tolist() == [0, 0, 0, 0, 0, 1]
+    assert [s for _, s in rows[:5]] == clips.window_starts(20500, n, hop)  # what --predict cuts
+    torch.manual_seed(0)
+    model = audiotx.CNNClassifier(dim=16, n_classes=3, dropout=0.0).eval()
+    by_window = audiotx.predict(model, *held.read(rows))
+    mean = audiotx.predict_clips(model, held, np.array([2, 0]))  # each clip: the mean of its windows
+    torch.testing.assert_close(mean, torch.stack([by_window[:5].mean(0), by_window[5]]))
 
 
 @needs_real_data
@@ -589,7 +621,7 @@ def cached(tmp_path, monkeypatch):
     cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
     table = layouts.read_esc(root, "esc10")
     audio = root / "audio"
-    return root, table, cfg, audiotx.load_clips(audio, table, cfg)[0], audiotx.cache_path(audio, table, cfg)
+    return root, table, cfg, audiotx.load_clips(audio, table, cfg), audiotx.cache_path(audio, table, cfg)
 
 
 def test_esc50_layout_gives_esc10_by_default_and_50_classes_with_subset_esc50(tmp_path):
@@ -628,13 +660,13 @@ def test_replace_with_writes_the_exact_name_and_a_failed_write_keeps_the_old_fil
 
 def test_cache_is_reused_and_invalidated_by_a_changed_file(cached):
     root, table, cfg, first, path = cached
-    assert path.is_file() and first.shape == (6, 8000)
-    np.save(path, np.zeros((6, 8000), dtype=np.float32))  # a reused cache is read, not rebuilt
-    assert audiotx.load_clips(root / "audio", table, cfg)[0].abs().sum() == 0
+    assert path.is_file() and first.store.shape == (6 * 8000,) and first.lengths.tolist() == [8000] * 6
+    np.zeros(6 * 8000, dtype=np.int16).tofile(path)  # a reused cache is read, not rebuilt
+    assert audiotx.load_clips(root / "audio", table, cfg).store.abs().sum() == 0
     name = root / "audio" / table[0]["filename"]
     scipy.io.wavfile.write(name, 8000, np.zeros(8000, dtype=np.int16) + 100)
     assert audiotx.cache_path(root / "audio", table, cfg) != path  # changed size or mtime -> new key
-    assert audiotx.load_clips(root / "audio", table, cfg)[0].abs().max() > 0
+    assert audiotx.load_clips(root / "audio", table, cfg).store.abs().max() > 0
 
 
 # ---- your own sounds: layouts, formats, splits ----
@@ -678,8 +710,8 @@ def test_a_folder_of_class_folders_is_read_as_a_user_would_expect(tmp_path, caps
     cfg = audiotx.Config(data=str(root), test_fold=0, kfold=2, sample_rate=8000, clip_seconds=1.0)
     ds = audiotx.load_dataset(cfg)
     assert ds.classes == ["chien qui aboie", "pluie", "ça coule"] and ds.layout == "class folders, folds dealt"
-    waves, _ = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
-    assert waves.shape == (7, 8000) and waves.abs().max() > 0.3
+    held = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
+    assert held.lengths.tolist() == [8000] * 7 and held.store.abs().max() > 0.3 * 32768
 
 
 def test_a_labels_table_reads_paths_groups_and_segments_and_names_a_wrong_cell(tmp_path, capsys):
@@ -699,10 +731,11 @@ def test_a_labels_table_reads_paths_groups_and_segments_and_names_a_wrong_cell(t
     assert [layouts.clip_name(r) for r in owl] == ["rec/night.wav@0-0.5s", "rec/night.wav@1.5-2.5s",
                                                    "rec/night.wav@4-ends"]
     cfg = audiotx.Config(sample_rate=8000, clip_seconds=1.0)
-    waves, lengths = audiotx.load_clips(audio_dir, rows, cfg)  # each segment is its own clip
+    held = audiotx.load_clips(audio_dir, rows, cfg)  # each segment is its own clip
     i = [layouts.clip_name(r) for r in rows].index("rec/night.wav@1.5-2.5s")
-    np.testing.assert_allclose(waves[i].numpy(), long[12000:20000] / 32768, atol=1e-6)
-    assert lengths is None or lengths[i] == 8000
+    wave, _ = held.read([(i, 0)])
+    np.testing.assert_allclose(wave[0].numpy(), long[12000:20000] / 32768, atol=1e-6)
+    assert held.lengths[i] == 8000 and held.lengths.tolist()[i + 1] == 6 * 8000 - 4 * 8000  # 4 s to the end
     as_spreadsheet_saves(table, ["bom", "crlf", "quoted", "reordered", "semicolons", "blank rows"])
     assert layouts.read_layout(table)[1] == rows  # a spreadsheet's save reads the same
     for column, value, why in [("start", "soon", "is not a time"), ("end", "1", "is not after start"),
@@ -751,6 +784,24 @@ def test_too_few_recordings_one_class_or_an_empty_class_folder_is_one_line(tmp_p
     (root / "vent").mkdir()
     (root / "vent" / "notes.txt").write_text("to record")
     assert_one_line_error(*cli(flags, capsys)[::2], "the class folder 'vent' holds no audio file")
+
+
+@pytest.mark.slow
+def test_long_recordings_train_on_crops_and_are_scored_over_their_windows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = tmp_path / "long"
+    for c, freq in enumerate((400, 1200)):
+        for j in range(5):
+            tone(root / f"class{c}" / f"r{j}.wav", freq, seconds=2.5 + 0.5 * j, seed=10 * c + j)
+    out = tmp_path / "runs"
+    code, stdout, err = cli(["--data", str(root), "--arch", "cnn", "--sample-rate", "8000", "--clip-seconds", "1",
+                             "--dim", "16", "--epochs", "3", "--test-fold", "0", "--kfold", "5", "--out", str(out)],
+                            capsys)
+    assert code == 0, err
+    assert "10 of 10 clips had a length other than 1 s (padded, or read as windows)" in stdout
+    config, metrics = check_run_files(out / "cnn-test0-k5", 5, has_test=False)
+    assert metrics["val"]["n"] == 10  # a row per recording, however many windows it has
 
 
 @needs_ffmpeg
@@ -1142,7 +1193,8 @@ def test_a_fold_seeds_itself_from_the_config_and_the_schedule_has_its_shape(tmp_
     """train_fold seeds with seed + fold: whatever torch's random state was before, the same
     settings give the same numbers, and another --seed other ones."""
     cfg = audiotx.Config(dim=16, sample_rate=8192, clip_seconds=1.0, batch_size=4, epochs=2, precision="fp32")
-    waves, labels = torch.randn(12, 8192), torch.arange(12) % 3
+    held = clips.Clips(torch.randint(-8000, 8000, (12 * 8192,), dtype=torch.int16), torch.full((12,), 8192), 8192)
+    labels = torch.arange(12) % 3
     split = (np.arange(9), np.arange(9, 12))
 
     def history(seed, state_before):
@@ -1150,7 +1202,7 @@ def test_a_fold_seeds_itself_from_the_config_and_the_schedule_has_its_shape(tmp_
         fold_dir = tmp_path / f"seed{seed}-{state_before}"  # a new folder: nothing to resume
         fold_dir.mkdir()
         tracker = audiotx.make_tracker(cfg, fold_dir, {}, mode="disabled")
-        _, _, rows, probs = audiotx.train_fold(dataclasses.replace(cfg, seed=seed), waves, labels, split, 1,
+        _, _, rows, probs = audiotx.train_fold(dataclasses.replace(cfg, seed=seed), held, labels, split, 1,
                                                fold_dir, 3, tracker, lambda *_: None)
         return [(r["train_loss"], r["val_loss"]) for r in rows], probs
 
@@ -1518,9 +1570,9 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
 def test_damaged_cache_is_rebuilt(cached, capsys):
     root, table, cfg, first, path = cached
     path.write_bytes(path.read_bytes()[:1000])
-    again, _ = audiotx.load_clips(root / "audio", table, cfg)
+    again = audiotx.load_clips(root / "audio", table, cfg)
     assert "is damaged; rebuilding it" in capsys.readouterr().out
-    torch.testing.assert_close(again, first)
+    assert torch.equal(again.store, first.store) and torch.equal(again.lengths, first.lengths)
 
 
 @pytest.mark.slow
@@ -1763,8 +1815,9 @@ def test_urbansound8k_layout_clips_of_many_lengths_train(tmp_path, monkeypatch, 
     ds = audiotx.load_dataset(cfg)
     assert ds.classes == ["dog_bark", "siren"] and len(ds.table) == 12 and len(ds.test_idx) == 4
     assert all(r["filename"].startswith(f"fold{r['fold']}/") for r in ds.table)
-    waves, n = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
-    assert n.tolist() == [lengths[r["filename"]] for r in ds.table]  # resampled lengths, before padding
+    held = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
+    assert held.lengths.tolist() == [lengths[r["filename"]] for r in ds.table]  # resampled lengths
+    waves, n = held.read([(i, 0) for i in range(len(held))])
     assert all(w[k:].abs().sum() == 0 and w[k - 10:k].abs().sum() > 0 for w, k in zip(waves, n.tolist()))
     out = tmp_path / "runs"
     assert audiotx.main(["--data", str(root), "--arch", arch, "--sample-rate", "8000", "--clip-seconds", "1",

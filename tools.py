@@ -28,6 +28,7 @@ from audiotx import (Config, Dataset, build_model, count_params, evaluate, make_
                      train_epoch, train_fold, train_step, versions, write_json,
                      write_rows, write_text)
 from files import read_csv
+from clips import Clips, to_int16
 from plot import svg_lines
 from processes import WORKER, broadcast_from_rank0, to_device
 
@@ -35,8 +36,8 @@ from processes import WORKER, broadcast_from_rank0, to_device
 # the LR range test
 # ----------------------------------------------------------------------------------------
 
-def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo: float = 1e-6,
-                  hi: float = 1.0, lengths=None):
+def lr_range_test(cfg, clips: Clips, labels, train_idx, n_classes, steps: int = 200,
+                  lo: float = 1e-6, hi: float = 1.0):
     """LR range test (Smith 2017): from a fresh model, training steps on the augmented batches
     of train_idx while the learning rate grows exponentially from lo to hi, until the smoothed
     loss passes 4x its lowest. Returns the rows (step, lr, loss, smoothed); suggest_lr reads the
@@ -48,8 +49,8 @@ def lr_range_test(cfg, waves, labels, train_idx, n_classes, steps: int = 200, lo
 
     def stream():  # pass after pass over the training clips, each in a new order
         while True:
-            yield from audiotx.augmented_batches(waves, labels, train_idx, cfg, n_classes, order,
-                                                 lengths, part=(0, 1))
+            yield from audiotx.augmented_batches(clips, labels, train_idx, cfg, n_classes, order,
+                                                 part=(0, 1))
 
     rows, avg, lowest = [], 0.0, math.inf
     for step, (_, wave, target, n) in zip(range(steps), stream()):
@@ -90,9 +91,10 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
     if path.is_file():
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
-        waves, lengths = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
-        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), to_device(waves), ds.labels,
-                             ds.splits[0][0], len(ds.classes), lengths=to_device(lengths))
+        clips = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
+        clips = clips.to(to_device(clips.store).device)
+        rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), clips, ds.labels, ds.splits[0][0],
+                             len(ds.classes))
         write_rows(path, rows)
         write_text(run_dir / "lr_find.svg", lr_find_svg(rows, run_dir.name))
     lr = suggest_lr(rows)
@@ -126,15 +128,15 @@ SPACE = {  # what --tune samples; depth only for the transformer
 }
 
 
-def score_trial(cfg: Config, ds: Dataset, clips: tuple, trial_dir: Path, n_folds: int) -> float:
+def score_trial(cfg: Config, ds: Dataset, clips: Clips, trial_dir: Path, n_folds: int) -> float:
     """Mean over the first n_folds validation folds of the last 10% of epochs' accuracy."""
     tracker = audiotx.make_tracker(cfg, trial_dir, {}, mode="disabled")  # trials are many
     accs = []
     for fold in range(1, n_folds + 1):
         fold_dir = trial_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, history, _ = train_fold(cfg, clips[0], ds.labels, ds.splits[fold - 1], fold,
-                                      fold_dir, len(ds.classes), tracker, lambda *_: None, clips[1])
+        _, _, history, _ = train_fold(cfg, clips, ds.labels, ds.splits[fold - 1], fold, fold_dir,
+                                      len(ds.classes), tracker, lambda *_: None)
         tail = max(1, len(history) // 10)
         accs.append(np.mean([r["val_acc"] for r in history[-tail:]]))
         if WORKER.main:
@@ -150,7 +152,7 @@ def earlier_scores(path: Path, trials: list) -> dict:
     return {(int(r["trial"]), int(r["rung"])): float(r["score"]) for r in rows if same(r)}
 
 
-def tune(cfg: Config, ds: Dataset, clips: tuple, out: Path) -> dict:
+def tune(cfg: Config, ds: Dataset, clips: Clips, out: Path) -> dict:
     """--tune N: the settings as given (trial 0) and N - 1 random ones; a third survive each rung
     (epochs/4 on 2 folds, epochs/2 on all folds, then all epochs on all folds), and the search
     stops when one is left (training it again would only re-score it). A trial's score is its
@@ -219,6 +221,8 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     """Speed of one architecture on random clips shaped like the course configuration's folds."""
     torch.manual_seed(cfg.seed)
     waves = torch.randn(n_train + n_val, cfg.n_samples) * 0.1
+    clips = Clips(torch.from_numpy(to_int16(waves.flatten().numpy())),
+                  torch.full((n_train + n_val,), cfg.n_samples), cfg.n_samples)
     labels = torch.arange(n_train + n_val) % n_classes
     model = build_model(cfg, n_classes).to(WORKER.device)
     opt, order = make_optimizer(cfg, model), torch.Generator().manual_seed(cfg.seed)
@@ -227,10 +231,10 @@ def bench_row(cfg: Config, n_train: int = 240, n_val: int = 80, n_classes: int =
     seconds = []
     for step in (0, 1):  # the first epoch warms up
         t0 = time.perf_counter()
-        train_epoch(model, opt, waves, labels, np.arange(n_train), cfg, n_classes, step, 100, order)
+        train_epoch(model, opt, clips, labels, np.arange(n_train), cfg, n_classes, step, 100, order)
         seconds.append(time.perf_counter() - t0)
     t_train, t0 = seconds[1], time.perf_counter()
-    evaluate(model, waves[n_train:], labels[n_train:], cfg.precision)
+    evaluate(model, clips, np.arange(n_train, n_train + n_val), labels, cfg.precision)
     t_eval = time.perf_counter() - t0
     return {"arch": cfg.arch, "heads": cfg.heads if cfg.arch == "transformer" else None,
             "params": count_params(model)["trainable"], "fwd_mflops_per_clip": fwd_flops / 1e6,
