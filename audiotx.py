@@ -116,7 +116,7 @@ class Config:
     gain_db: float = flag(6.0, "random gain in [-gain_db, +gain_db] dB")
     stretch: float = flag(0.2, "each batch played at a random speed in [1 - s, 1 + s]; 0 = off")
     select: str = flag("best", "a fold keeps its best epoch or its last", choices=["best", "final"])
-    balance: bool = flag(True, "weight the loss by inverse class frequency, classes over 2:1")
+    balance: bool = flag(True, "weight the loss by sqrt inverse class frequency, classes over 2:1")
     per_class: int = flag(0, "train on at most N clips of each class per split (few-shot); 0 = all")
     init: str = flag("", "start from a run's fold-1 front end (and encoder); a new head")
     freeze: bool = flag(False, "with --init: train the new head alone")
@@ -1033,13 +1033,15 @@ def load_state(path: Path, cfg: Config):
 
 
 def class_weights(labels, n_classes: int, cfg: Config):
-    """Inverse class frequencies (K,), averaging 1 over the clips, when --balance is on and the
-    largest class has more than twice the clips of the smallest; else None."""
+    """Each class's weight in the loss (K,), the square root of its inverse frequency, averaging
+    1 over the clips, when --balance is on and the largest class has more than twice the clips
+    of the smallest; else None. The full inverse lets a rare class's few clips pull too hard."""
     counts = np.bincount(np.asarray(labels), minlength=n_classes)
     present = counts[counts > 0]
     if not cfg.balance or present.max() <= 2 * present.min():
         return None
-    return torch.tensor(len(labels) / (len(present) * np.maximum(counts, 1)), dtype=torch.float32)
+    w = 1 / np.sqrt(np.maximum(counts, 1))
+    return torch.tensor(w * len(labels) / (w * counts).sum(), dtype=torch.float32)
 
 
 def limit_per_class(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -1397,7 +1399,7 @@ def print_balance(cfg: Config, ds: Dataset):
     """Whether --balance weights the loss, where the classes are over 2:1 uneven."""
     counts = np.bincount(ds.labels.numpy(), minlength=len(ds.classes))
     if counts.max() > 2 * counts.min():
-        how = ("weighted by inverse class frequency (--no-balance: not)" if cfg.balance
+        how = ("weighted by class, the rarer more (--no-balance: not)" if cfg.balance
                else "not weighted (--no-balance)")
         print(f"uneven classes, {counts.max()} clips against {counts.min()}: the loss is {how}")
 
