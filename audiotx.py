@@ -8,8 +8,8 @@ Two architectures share one 1D-convolution front end over the waveform:
 
 The research core: the configuration, reading audio, datasets and folds, augmentation, the two
 models, training, evaluation and metrics, and the training command. Tools import it and are run
-through it: predict.py, report.py, tools.py (LR range test, tuning, benchmark); it imports the
-leaves fetch.py, logs.py and processes.py.
+through it: predict.py, report.py, tools.py (LR range test, tuning, benchmark). It imports only
+leaves: layouts.py, decode.py, clips.py, fetch.py, files.py, logs.py, processes.py.
 
     python audiotx.py --arch transformer --heads 2 --kfold 4   # one configuration
     bash run.sh                                                 # every configuration
