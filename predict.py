@@ -23,7 +23,7 @@ import torch
 from audiotx import (UserError, load_audio, load_fold_models, predict_windows, resolve_precision,
                      to_rate)
 from clips import Clips, to_int16
-from layouts import is_audio
+from layouts import AUDIO_SUFFIXES, is_audio
 
 SHIPPED_MODEL = audiotx.HERE / "models" / "esc10-cnn-test1-k4"  # what --predict uses without --run
 
@@ -60,7 +60,11 @@ def read_files(paths: list, rate: int, n: int) -> tuple:
     """Every readable file of paths at the model's rate, in one 16-bit store as training holds
     its clips: (the files, their Clips); a file that cannot be read is named on stderr."""
     files, samples, failed = [], [], 0
-    for path in audio_files(paths):
+    found = audio_files(paths)
+    if not found:
+        raise UserError(f"no audio file in {', '.join(map(str, paths))} (by name: "
+                        f"{', '.join(sorted(AUDIO_SUFFIXES))})")
+    for path in found:
         try:
             wave, file_rate = load_audio(path)
         except UserError as e:  # it names the file and what is wrong with it

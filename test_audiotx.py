@@ -1089,6 +1089,9 @@ def test_predict_walks_a_folder_and_names_a_bad_file_among_good_ones(trained, tm
     code, lines, err = predict_cli([str(tmp_path / "in"), "--run", str(run)], capsys)
     assert code == 2 and [Path(line.split()[0]).name for line in lines] == ["a.wav", "c.WAV"]
     assert err.count("\n") == 1 and "bad.wav" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    code, lines, err = predict_cli([str(tmp_path / "empty"), "--run", str(run)], capsys)
+    assert_one_line_error(code, err, f"no audio file in {tmp_path / 'empty'}")
 
 
 @pytest.mark.slow
