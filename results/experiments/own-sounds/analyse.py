@@ -37,6 +37,6 @@ for key in ("macro_f1", "accuracy"):
     compare("sqrt weights - not", root, off)
 for n in (4, 8, 0):
     base = line(f"B, {n or 'all'}/class, scratch", [f"B-n{n}-scratch-seed{s}" for s in (0, 1)], "accuracy")
-    for how in ("init", "freeze"):
+    for how in ("init", "freeze") + (("init-lr0.0002", "init-e30") if n else ()):
         other = line(f"B, {n or 'all'}/class, {how}", [f"B-n{n}-{how}-seed{s}" for s in (0, 1)], "accuracy")
         compare(f"{how} - scratch", other, base)
