@@ -525,9 +525,9 @@ def split_folds(folds, groups, labels, test_fold, k, classes=None):
             raise UserError(f"--kfold {k} is more than the {sources} source recordings allow")
         part = deal_groups(groups[rest], labels[rest], k)
     splits = [(rest[part != i], rest[part == i]) for i in range(k)]
-    for i, (train, val) in enumerate(splits):
-        absent = sorted(set(range(labels.max() + 1)) - set(labels[train].tolist()))
-        if len(val) == 0 or absent:
+    for i, (train_idx, val_idx) in enumerate(splits):
+        absent = sorted(set(range(labels.max() + 1)) - set(labels[train_idx].tolist()))
+        if len(val_idx) == 0 or absent:
             names = ", ".join(str(classes[c] if classes else c) for c in absent) or "no clips"
             raise UserError(f"--kfold {k}: validation fold {i + 1} leaves class(es) {names} with "
                             "no training clips; use fewer folds, or a dataset with that class in "

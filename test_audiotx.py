@@ -140,6 +140,16 @@ def round_step(ticks) -> bool:
             and all(abs(t / step - round(t / step)) < 1e-6 for t in ticks))
 
 
+@pytest.fixture
+def quick(tmp_path, monkeypatch):
+    """A tiny dataset and the flags for a fast run on it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
+    return root, ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000",
+                  "--clip-seconds", "1", "--kfold", "2", "--epochs", "1", "--dim", "16"]
+
+
 def independent_metrics(labels, probs, n_classes):
     """Metrics recomputed without audiotx: loops for the confusion matrix, scipy for the AUC."""
     preds = probs.argmax(1)
@@ -243,8 +253,9 @@ def test_imports_go_one_way_and_every_file_is_accounted_for():
 
 
 def used_before_defined(path: Path) -> list:
-    """(name, line used, line defined): top-level code that uses a name of its own module defined
-    further down, so a reader would have to jump forward."""
+    """(name, line, line defined): top-level code that uses a name of its own module defined
+    further down, or gives that name to a variable or an argument of its own, so that a reader
+    would have to jump forward (a dataclass's fields are attributes, not variables)."""
     tree = ast.parse(path.read_text())
     defined = {}
     for node in tree.body:
@@ -255,10 +266,14 @@ def used_before_defined(path: Path) -> list:
     found = []
     for node in tree.body:
         walked = list(ast.walk(node))
-        local = {n.id for n in walked if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        local |= {a.arg for n in walked if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
+        fields = {id(f.target) for c in walked if isinstance(c, ast.ClassDef) for f in c.body
+                  if isinstance(f, ast.AnnAssign)}
+        local = [(n.id, n.lineno) for n in walked
+                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and id(n) not in fields]
+        local += [(a.arg, a.lineno) for n in walked if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs]
+        found += [(name, line, defined[name]) for name, line in local if defined.get(name, 0) > node.lineno]
         found += [(n.id, n.lineno, defined[n.id]) for n in walked
-                  if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in local
+                  if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in dict(local)
                   and defined.get(n.id, 0) > node.lineno]
     return found
 
@@ -271,6 +286,8 @@ def test_every_file_reads_top_to_bottom_with_its_entry_point_last(tmp_path):
             assert "__main__" in ast.unparse(last.test), path.name
     broken = "def f():\n    return g()\n\n\ndef g():\n    return 1\n"  # the check itself can fail
     (tmp_path / "probe.py").write_text(broken)
+    assert used_before_defined(tmp_path / "probe.py") == [("g", 2, 5)]
+    (tmp_path / "probe.py").write_text(broken.replace("return g()", "g = 2"))  # a variable named for it
     assert used_before_defined(tmp_path / "probe.py") == [("g", 2, 5)]
 
 
@@ -550,11 +567,11 @@ def test_big_endian_and_64_bit_samples_read_as_their_values():
 
 
 def test_resampling_keeps_the_tone_and_16_bit_storage_round_trips():
-    tone = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
-    out = audiotx.to_rate(tone, 44100, 16000)
+    sine = np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
+    out = audiotx.to_rate(sine, 44100, 16000)
     assert out.shape == (16000,) and out.dtype == np.float32
     assert abs(np.argmax(np.abs(np.fft.rfft(out))) - 440) <= 1  # the tone is still at 440 Hz
-    assert audiotx.to_rate(tone, 44100, 44100) is tone
+    assert audiotx.to_rate(sine, 44100, 44100) is sine
     samples = np.array([-32768, -1, 0, 1, 32767], dtype=np.int16)
     assert np.array_equal(clips.to_int16(samples / 32768.0), samples)  # a 16-bit file is stored as it is
     assert clips.to_int16(np.array([1.5, -2.0])).tolist() == [32767, -32768]  # the loudest clipped
@@ -1376,16 +1393,6 @@ def test_wandb_disabled_writes_no_wandb_files(tmp_path):
 
 
 # ---- bad input ----
-
-@pytest.fixture
-def quick(tmp_path, monkeypatch):
-    """A tiny dataset and the flags for a fast run on it."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    root = write_dataset(tmp_path / "data", folds=3, clips_per_fold=1)
-    return root, ["--data", str(root), "--out", str(tmp_path / "runs"), "--sample-rate", "8000",
-                  "--clip-seconds", "1", "--kfold", "2", "--epochs", "1", "--dim", "16"]
-
 
 @pytest.mark.slow
 def test_missing_or_empty_data_folder(tmp_path, quick, capsys):
