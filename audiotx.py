@@ -1054,8 +1054,7 @@ def limit_per_class(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> n
 
 
 def init_parts(source_arch: str, arch: str) -> tuple:
-    """The parameter names --init carries over: the front end, and a transformer's encoder when
-    it comes from a transformer."""
+    """The parameter names --init carries: the front end, and a transformer's encoder from one."""
     encoder = ("cls", "pos", "blocks.", "ln.") if source_arch == arch == "transformer" else ()
     return ("front.",) + encoder
 
@@ -1072,8 +1071,9 @@ def init_from(model, cfg: Config, say: bool = False):
         raise UserError(f"--init {cfg.init}: its model was trained with {', '.join(differ)}; pass "
                         "the same, so that it meets audio prepared as in its training")
     parts, own = init_parts(source.arch, cfg.arch), model.state_dict()
-    model.load_state_dict({k: v for k, v in trained.state_dict().items()
-                           if k.startswith(parts) and own[k].shape == v.shape}, strict=False)
+    fits = {k: v for k, v in trained.state_dict().items()  # a deeper source's extra blocks stay
+            if k.startswith(parts) and k in own and own[k].shape == v.shape}
+    model.load_state_dict(fits, strict=False)
     for name, p in model.named_parameters():
         p.requires_grad_(not (cfg.freeze and name.startswith(parts)))
     if say:

@@ -1167,6 +1167,25 @@ def test_init_starts_from_a_runs_front_end_and_encoder_and_freeze_keeps_them(tra
     assert_one_line_error(code, err, "its model was trained with --sample-rate 8000")
 
 
+def test_init_from_a_deeper_transformer_takes_the_blocks_that_fit(tmp_path):
+    """A source with 3 blocks into a model with 2: the front end and the first 2 blocks carried,
+    the third left out, the head new; no fold folder needs training for it."""
+    torch.manual_seed(0)
+    source_cfg = audiotx.Config(dim=16, depth=3, sample_rate=8000, clip_seconds=1.0)
+    source = audiotx.build_model(source_cfg, 5)
+    (tmp_path / "src" / "fold1").mkdir(parents=True)
+    torch.save(source.state_dict(), tmp_path / "src" / "fold1" / "model.pt")
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**dataclasses.asdict(source_cfg),
+                                                             "classes": list("abcde")}))
+    cfg = dataclasses.replace(source_cfg, depth=2, init=str(tmp_path / "src"), freeze=True)
+    model = audiotx.build_model(cfg, 3)
+    audiotx.init_from(model, cfg)
+    mine, theirs = model.state_dict(), source.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith(("front.", "blocks.", "cls", "pos")))
+    assert mine["head.net.3.weight"].shape == (3, 16) and not any(k.startswith("blocks.2") for k in mine)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in mine if n.startswith("head.")}
+
+
 def test_class_weights_and_per_class_limits():
     cfg = audiotx.Config()
     assert audiotx.class_weights(np.array([0] * 10 + [1] * 6), 2, cfg) is None  # within 2:1
