@@ -1339,7 +1339,7 @@ def claim_run_dir(cfg: Config, ds: Dataset, run_dir: Path) -> dict:
     # what a saved model needs to meet audio as in its training: the classes, sample rate, clip
     # length (one window), window hop and features are here, the code version too
     config = {**dataclasses.asdict(cfg), "name": run_name(cfg), "data": shown_path(ds.root),
-              "classes": ds.classes, "window_hop_seconds": cfg.clip_seconds / 2,
+              "classes": ds.classes, "window_hop_seconds": cfg.n_samples // 2 / cfg.sample_rate,
               "n_clips": len(ds.table), "versions": versions(), "code": code_version(HERE),
               "processes": WORKER.world, "device_used": str(WORKER.device),
               "params": count_params(model)}
@@ -1366,7 +1366,7 @@ def load_clips_once(ds: Dataset, cfg: Config) -> Clips:
     barrier()
     if WORKER.local_rank:
         clips = load_clips(ds.audio_dir, ds.table, cfg)
-    return clips.to(to_device(clips.store).device)
+    return Clips(to_device(clips.store), clips.lengths, clips.n)
 
 
 def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> dict:
@@ -1398,7 +1398,7 @@ def fold_result(cfg, run_dir, clips, ds: Dataset, fold, tracker, progress) -> di
 def print_balance(cfg: Config, ds: Dataset):
     """Whether --balance weights the loss, where the classes are over 2:1 uneven."""
     counts = np.bincount(ds.labels.numpy(), minlength=len(ds.classes))
-    if counts.max() > 2 * counts.min():
+    if class_weights(ds.labels, len(counts), dataclasses.replace(cfg, balance=True)) is not None:
         how = ("weighted by class, the rarer more (--no-balance: not)" if cfg.balance
                else "not weighted (--no-balance)")
         print(f"uneven classes, {counts.max()} clips against {counts.min()}: the loss is {how}")

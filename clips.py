@@ -43,9 +43,6 @@ class Clips:
     def __len__(self):
         return len(self.lengths)
 
-    def to(self, device):
-        return Clips(self.store.to(device), self.lengths, self.n)
-
     def read(self, rows: list):
         """(clip, offset in it) pairs -> waves (B, n) float32 and the samples each holds (B,), or
         None when every one fills its window."""

@@ -87,7 +87,7 @@ def command(cfg: audiotx.Config) -> int:
     precision = resolve_precision(dataclasses.replace(run_cfg, precision="auto")).precision
     n, rate = run_cfg.n_samples, run_cfg.sample_rate
     saved = json.loads((run_dir / "config.json").read_text())  # the run's window hop, where saved
-    hop = round(saved.get("window_hop_seconds", run_cfg.clip_seconds / 2) * rate)
+    hop = round(saved["window_hop_seconds"] * rate) if "window_hop_seconds" in saved else n // 2
     files, clips, failed = read_files(cfg.predict, rate, n)
     if files:  # every window of every file in one pass of batches, through each fold model
         rows, owner = clips.windows(torch.arange(len(files)), hop)

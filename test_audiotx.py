@@ -211,6 +211,8 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
         roc = list(csv.DictReader(f))
     assert list(roc[0]) == ["class", "fpr", "tpr"] and {r["class"] for r in roc} == set(classes)
     assert set(metrics["params"]) == {"trainable", "non_trainable", "buffers"}
+    n = round(config["sample_rate"] * config["clip_seconds"])  # the hop evaluation windows at, recorded
+    assert round(config["window_hop_seconds"] * config["sample_rate"]) == n // 2
     # the last epoch's validation, predicted after training, scores what training logged for that epoch
     n_val = [m["val"]["n"] for m in metrics["folds"]]
     last = [float(read_rows(run_dir / f"fold{i}" / "history.csv")[-1]["val_acc"]) for i in range(1, k + 1)]

@@ -92,7 +92,7 @@ def find_lr(cfg: Config, ds: Dataset, run_dir: Path) -> float:
         rows = [{k: float(v) for k, v in r.items()} for r in read_csv(path)]
     else:
         clips = audiotx.load_clips(ds.audio_dir, ds.table, cfg)
-        clips = clips.to(to_device(clips.store).device)
+        clips = Clips(to_device(clips.store), clips.lengths, clips.n)
         rows = lr_range_test(dataclasses.replace(cfg, lr=1.0), clips, ds.labels, ds.splits[0][0],
                              len(ds.classes))
         write_rows(path, rows)
