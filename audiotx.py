@@ -53,7 +53,7 @@ import decode
 import fetch
 from clips import Clips, to_int16
 import layouts
-from files import code_version, csv_text, replace_with, shown_path, versions
+from files import code_version, csv_text, read_settings, replace_with, shown_path, versions
 from logs import Tracker, print_progress_factory, print_summary, wandb_mode
 from processes import (WORKER, DeviceError, all_sum, barrier, gather_rows, rng_states,
                        set_rng_states, start_processes, stop_processes, to_device)
@@ -126,7 +126,7 @@ class Config:
     precision: str = flag("auto", "auto = bf16 where the device has it natively (--amp: bf16)",
                           choices=["auto", "fp32", "bf16"])
     # output
-    out: str = flag("runs", "results go to out/name/")
+    out: str = flag("", "results go to OUT/name/ (default runs/); --predict: its files")
     name: str = flag("", "default: derived from the configuration")
     restart: bool = flag(False, "discard saved state and results under out/name/")
     wandb: str = flag("auto", "W&B mode ($WANDB_MODE wins)",
@@ -140,9 +140,14 @@ class Config:
     tune: int = flag(0, "tune --arch on N random settings (successive halving); 0 = train")
     hparams: str = flag("", "JSON file of settings (a tuning's best.json); flags still win")
     bench: bool = flag(False, "time every architecture on random clips, train nothing")
-    predict: list = flag([], "audio files or folders to classify")
+    predict: list = flag([], "audio files or folders to classify (any length)")
     run: str = flag("", "--predict with this run's fold models; default: the shipped model")
-    json: bool = flag(False, "--predict: one JSON object per file on stdout")
+    format: str = flag("text", "of --predict", choices=["text", "audacity", "raven", "csv", "json"])
+    hop: float = flag(0.0, "--predict: seconds between windows; 0 = half the model's window")
+    min_conf: float | str = flag(0.5, "an event's least probability, or auto", parse=float_or_auto)
+    precision_target: float = flag(0.9, "--min-conf auto: each class's validation precision")
+    plot: bool = flag(False, "--predict: an SVG timeline of each recording in --out")
+    shard: str = flag("", "--predict: i/n takes every n-th file from the i-th")
 
     @property
     def n_samples(self) -> int:
@@ -153,25 +158,13 @@ class Config:
 # Fields that change how a run is reported, not what it computes: a resumed run may differ in them.
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project",
                     "entity", "debug", "threads", "report", "hparams", "bench", "tune", "lr_find",
-                    "predict", "run", "json"}
+                    "predict", "run", "format", "hop", "min_conf", "precision_target", "plot",
+                    "shard"}
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other bad input
         self.exit(2, f"audiotx: error: {message}\n")
-
-
-def load_hparams(path: str, parser) -> dict:
-    """Settings from a JSON file: {field: value}, or a tuning's best.json ({"hparams": {...}})."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        parser.error(f"--hparams {path}: cannot read it as JSON ({e})")
-    d = d.get("hparams", d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        parser.error(f"--hparams {path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    return d
 
 
 def parse_args(argv=None) -> Config:
@@ -190,9 +183,15 @@ def parse_args(argv=None) -> Config:
                                 choices=f.metadata.get("choices"), help=helptext)
     parser.add_argument("--amp", dest="precision", action="store_const", const="bf16",
                         help="mixed precision: the same as --precision bf16")
+    parser.add_argument("--json", dest="format", action="store_const", const="json",
+                        help="--predict: the same as --format json")
     args = parser.parse_args(argv)
     if args.hparams:  # the file's settings become defaults, so flags on the command line still win
-        parser.set_defaults(**load_hparams(args.hparams, parser))
+        try:
+            known = {f.name for f in dataclasses.fields(Config)}
+            parser.set_defaults(**read_settings(args.hparams, known))
+        except ValueError as e:
+            parser.error(f"--hparams {args.hparams}: {e}")
         args = parser.parse_args(argv)
     return Config(**vars(args))
 
@@ -330,11 +329,9 @@ def read_audio(path) -> tuple:
     try:
         wav = Path(path).suffix.lower() in (".wav", ".wave")
         rate, data = read_wav(path) if wav else decode.decode(path, MAX_HOURS)
+        decode.check_rate(path, rate)
     except decode.DecodeError as e:
         raise UserError(str(e)) from None
-    if rate < 1000:
-        raise UserError(f"{path}: a sample rate of {rate} Hz in its header; sound needs 1000 or "
-                        "more (a damaged or mislabelled file?)")
     if len(data) > rate * MAX_HOURS * 3600:
         raise UserError(f"{path}: more than {MAX_HOURS} hours of audio; cut it into shorter files")
     return int(rate), data
@@ -344,7 +341,7 @@ def to_mono_float(path, data):
     """Integer or float samples (S,) or (S, channels) -> float32 (S,) in [-1, 1]."""
     scale = {np.dtype(np.int16): 2.0 ** 15, np.dtype(np.int32): 2.0 ** 31,
              np.dtype(np.int64): 2.0 ** 63}
-    data = data.astype(data.dtype.newbyteorder("="))  # RIFX files hold big-endian samples
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)  # RIFX files: big-endian
     if data.dtype == np.uint8:
         wave = (data.astype(np.float64) - 128.0) / 128.0
     elif data.dtype in scale:  # 24- and 36- to 64-bit samples arrive left-justified, so these fit
@@ -353,8 +350,11 @@ def to_mono_float(path, data):
         wave = data.astype(np.float64)
     else:
         raise UserError(f"{path}: unsupported sample type {data.dtype}")
-    if wave.ndim == 2:
-        wave = wave.mean(axis=1)  # (S, channels) -> (S,)
+    if wave.ndim == 2:  # (S, channels) -> (S,): the mean, added a column at a time in the order
+        mono = wave[:, 0].copy()  # numpy's mean adds them, which is slow over a short axis
+        for c in range(1, wave.shape[1]):
+            mono += wave[:, c]
+        wave = mono / wave.shape[1]
     if wave.size == 0:
         raise UserError(f"{path}: the file holds no samples")
     if not np.isfinite(wave).all():
@@ -1444,7 +1444,7 @@ def open_run(cfg: Config):
     cfg = prepare(cfg)
     ds = load_dataset(cfg)
     print_dataset(ds, cfg)
-    run_dir = Path(cfg.out) / run_name(cfg)
+    run_dir = Path(cfg.out or "runs") / run_name(cfg)
     with run_lock(run_dir, cfg.restart):
         yield cfg, ds, run_dir
 

@@ -31,6 +31,23 @@ def window_starts(length: int, n: int, hop: int) -> list:
     return starts + ([length - n] if starts[-1] != length - n else [])
 
 
+def stream_windows(blocks, n: int, hop: int):
+    """The windows of a recording fed as blocks of samples (L,), as window_starts places them on
+    the whole: yields (start, its samples (n,), fewer for a recording shorter than a window),
+    each as soon as its samples are in, holding no more than a window and a block."""
+    buffer, origin, total, start, last = np.zeros(0, np.int16), 0, 0, 0, -1
+    for block in blocks:
+        buffer, total = np.concatenate([buffer, block]), total + len(block)
+        while start + n <= total:
+            yield start, buffer[start - origin:start - origin + n]
+            last, start = start, start + hop
+        keep = max(origin, min(start, total - n))  # the next window, or the last one, begins here
+        buffer, origin = buffer[keep - origin:], keep
+    for s in window_starts(total, n, hop):  # the last window, ending at the end, or the only one
+        if s > last:
+            yield s, buffer[s - origin:s - origin + n]
+
+
 @dataclass
 class Clips:
     store: torch.Tensor    # (total,) int16: every clip's samples, one after another

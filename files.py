@@ -8,6 +8,7 @@ and calls these. Not run on its own.
 
 import csv
 import io
+import json
 import os
 import platform
 import subprocess
@@ -42,6 +43,19 @@ def csv_text(header, rows) -> str:
 def read_csv(path: Path) -> list:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_settings(path: str, known: set) -> dict:
+    """Settings from a JSON file: {field: value}, or a tuning's best.json ({"hparams": {...}});
+    a ValueError says what is wrong with it."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read it as JSON ({e})") from None
+    d = d.get("hparams", d)
+    if set(d) - known:
+        raise ValueError(f"unknown setting(s) {', '.join(sorted(set(d) - known))}")
+    return d
 
 
 def shown_path(path: Path) -> str:

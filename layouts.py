@@ -1,8 +1,8 @@
 """
 Dataset layouts: which recordings a dataset holds, their classes, official folds, source
 recordings and annotated segments, read from ESC-50's table (meta/esc50.csv, or its file names),
-UrbanSound8K's (metadata/UrbanSound8K.csv), a folder of class folders, or a labels table of your
-own. No audio is read here.
+UrbanSound8K's (metadata/UrbanSound8K.csv), a folder of class folders, a labels table of your
+own, or recordings with Audacity label tracks beside them. No audio is read here.
 
 Every layout gives rows {filename (under the audio folder), fold (None: none given), category,
 src_file (the source recording: its clips never straddle a split), start and end (seconds of
@@ -14,6 +14,7 @@ is a LayoutError whose text is the whole message. Not run on its own.
 """
 
 import csv
+import glob
 import io
 import re
 from pathlib import Path
@@ -219,10 +220,54 @@ def labels_table_rows(meta: Path) -> list:
     return checked_table(meta, rows, "table")
 
 
+def read_label_track(path: Path) -> list:
+    """An Audacity label track (start, end, label per line, tab-separated; the lines of spectral
+    selections, which begin with a backslash, skipped) -> [(start, end, label)] of the
+    labels with a length; a confidence after the class name, as --predict writes it, dropped."""
+    labels = []
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        cells = text.split("\t")
+        if len(cells) < 3 or text.startswith("\\"):
+            continue
+        try:
+            start, end = float(cells[0]), float(cells[1])
+        except ValueError:
+            raise LayoutError(f"{path} line {line}: {cells[0]!r}, {cells[1]!r} are not times in "
+                              "seconds (expected Audacity's start, end, label)") from None
+        label = re.sub(r" \d*\.?\d+$", "", cells[2].strip())  # "dog 0.87" -> "dog"
+        if end > start and label:
+            labels.append((start, end, label))
+    return labels
+
+
+def label_track_rows(root: Path, tracks: list) -> list:
+    """Recordings with an Audacity label track beside each (rec.wav, rec.txt): every label a
+    segment of its class; the labels of one recording never straddle a split."""
+    rows = []
+    for audio, track in tracks:
+        name = audio.relative_to(root).as_posix()
+        rows += [{"filename": name, "fold": None, "category": label, "src_file": name,
+                  "start": start, "end": end} for start, end, label in read_label_track(track)]
+    return checked_table(root, rows, "label track")
+
+
+def beside_tracks(root: Path) -> list:
+    """(recording, its label track) pairs below root: audio files with a .txt of the same name."""
+    audio = sorted(p for p in root.rglob("*") if is_audio(p) and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [(a, a.with_suffix(".txt")) for a in audio if a.with_suffix(".txt").is_file()]
+
+
 def read_layout(path: Path, subset: str = "esc10", dataset: str = "auto") -> tuple:
     """(the folder the rows' filenames are under, the rows sorted by file, the layout's name) of
     a dataset folder or a labels table. An ESC-50 folder is known by audio/ or meta/esc50.csv,
-    UrbanSound8K by its metadata table; another folder is a folder of class folders."""
+    UrbanSound8K by its metadata table; a folder with label tracks beside its recordings by them;
+    another folder is a folder of class folders. A .txt file is one label track."""
+    if path.is_file() and path.suffix.lower() == ".txt":
+        audio = [p for p in path.parent.glob(glob.escape(path.stem) + ".*") if is_audio(p)]
+        if not audio:
+            raise LayoutError(f"{path}: a label track, but no recording of the same name beside it")
+        return path.parent, label_track_rows(path.parent, [(audio[0], path)]), "label track"
     if path.is_file():
         return path.parent, labels_table_rows(path), "labels table"
     if not path.is_dir():
@@ -232,4 +277,7 @@ def read_layout(path: Path, subset: str = "esc10", dataset: str = "auto") -> tup
         return path / "audio", read_urbansound(path, us8k), "UrbanSound8K"
     if dataset == "esc" or (path / "audio").is_dir() or (path / "meta" / "esc50.csv").is_file():
         return path / "audio", read_esc(path, subset), "ESC-50"
+    tracks = beside_tracks(path)
+    if tracks:
+        return path, label_track_rows(path, tracks), "label tracks"
     return path, class_folder_rows(path), "class folders"

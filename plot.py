@@ -1,11 +1,13 @@
 """
-Figures as text: line charts in SVG with round axis ticks, heat-map colours, and PNG bytes for
-pictures embedded in an SVG. Numpy alone, no plotting package.
+Figures as text: line charts in SVG with round axis ticks, heat-map colours, PNG bytes for
+pictures embedded in an SVG, and the timeline of a long recording (its log-mel spectrogram, a
+row per class, the events). Numpy alone, no plotting package.
 
-A leaf: it imports nothing of audiotx's. audiotx.py draws the LR range test with it, report.py
-every figure of the report. Not run on its own.
+A leaf: it imports nothing of audiotx's. tools.py draws the LR range test with it, report.py
+every figure of the report, predict.py the timelines. Not run on its own.
 """
 
+import base64
 import math
 import struct
 import zlib
@@ -89,3 +91,101 @@ def heat_colors(v: np.ndarray) -> np.ndarray:
     x = np.clip(v, 0, 1)[..., None] * (len(stops) - 1)
     lo = np.floor(x).astype(int).clip(0, len(stops) - 2)
     return (stops[lo[..., 0]] * (1 - (x - lo)) + stops[lo[..., 0] + 1] * (x - lo)).astype(np.uint8)
+
+
+# ---- spectrograms and the timeline of a long recording ----
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Triangular filters evenly spaced on the mel scale (2595 log10(1 + f / 700)) from 0 Hz to
+    Nyquist, each rising from its lower neighbour's centre to 1 and falling to the next's:
+    (F, n_mels) float32."""
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)  # noqa: E731
+    edges = hz(np.linspace(0, mel(sample_rate / 2), n_mels + 2))  # (n_mels + 2,) Hz
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1) each
+    rise, fall = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)  # (n_mels, F) each
+    return np.maximum(0, np.minimum(rise, fall)).T.astype(np.float32)
+
+
+class MelColumns:
+    """The mel spectrogram of a recording fed a block at a time, in at most `most` columns: each
+    column the mean power of a run of Hann-windowed frames; past `most`, neighbouring columns
+    merge in pairs and each later column takes twice the frames, so hours cost what minutes do."""
+
+    def __init__(self, sample_rate: int, n_fft: int = 512, n_mels: int = 48, most: int = 4096):
+        self.bank, self.window = mel_filterbank(sample_rate, n_fft, n_mels), np.hanning(n_fft)
+        self.n_fft, self.most, self.per = n_fft, most, 1  # per: frames in a column
+        self.columns, self.run, self.in_run = [], 0.0, 0  # finished columns; the one filling
+        self.pending = np.zeros(0, np.float32)
+
+    def push(self, wave: np.ndarray):
+        """More of the recording: samples (L,) as floats or 16-bit."""
+        wave = np.concatenate([self.pending, np.asarray(wave, np.float32)])
+        whole = len(wave) // self.n_fft * self.n_fft
+        frames, self.pending = wave[:whole].reshape(-1, self.n_fft), wave[whole:]
+        power = np.abs(np.fft.rfft(frames * self.window)) ** 2 @ self.bank  # (frames, n_mels)
+        for row in power:
+            self.run, self.in_run = self.run + row, self.in_run + 1
+            if self.in_run == self.per:
+                self.columns.append(self.run / self.per)
+                self.run, self.in_run = 0.0, 0
+                if len(self.columns) == self.most:
+                    pairs = np.array(self.columns).reshape(-1, 2, len(row)).mean(1)
+                    self.columns, self.per = list(pairs), self.per * 2
+
+    def image(self, width: int) -> np.ndarray:
+        """The log power in at most width columns, low bands last: (n_mels, C), scaled to
+        [0, 1]."""
+        cols = np.array(self.columns or [np.zeros(self.bank.shape[1])])  # (C, n_mels)
+        group = math.ceil(len(cols) / width)
+        cols = cols[:len(cols) // group * group or len(cols)]
+        cols = cols.reshape(-1, min(group, len(cols)), cols.shape[1]).mean(1)
+        db = np.log10(cols.T[::-1] + 1e-10)
+        return (db - db.min()) / max(float(np.ptp(db)), 1e-9)
+
+
+def time_ticks(seconds: float) -> tuple:
+    """Round ticks for a time axis of seconds length, in seconds, minutes or hours: (ticks in
+    seconds, the unit's name, seconds per unit)."""
+    unit, scale = ("s", 1) if seconds < 180 else ("min", 60) if seconds < 3 * 3600 else ("h", 3600)
+    ticks = [t * scale for t in nice_ticks(0, seconds / scale, integer=unit != "s")]
+    return [t for t in ticks if t <= seconds], unit, scale
+
+
+def svg_timeline(mel: np.ndarray, seconds: float, window_starts, probs, classes: list,
+                 events: list, title: str, w: int = 1200) -> str:
+    """A recording's timeline: its spectrogram (mel (n_mels, C) in [0, 1]), a heat-map row per
+    class of each window's probability (probs (W, K), windows at window_starts seconds), and the
+    events as boxes over both."""
+    left, top, spec_h, row_h = 110, 30, 140, 14
+    rows = np.zeros((len(classes), w))  # each class's probability at each pixel column
+    x_of = lambda t: left + t / max(seconds, 1e-9) * w  # noqa: E731
+    for s, p in zip(window_starts, probs):  # a later window overwrites its overlap: the newest
+        rows[:, int(x_of(s) - left):] = np.asarray(p)[:, None]
+    spec = base64.b64encode(png(heat_colors(mel))).decode()
+    heat = base64.b64encode(png(heat_colors(rows))).decode()
+    body_h = spec_h + 4 + row_h * len(classes)
+    out = svg_open(left + w + 20, top + body_h + 40, title) + [
+        f'<image x="{left}" y="{top}" width="{w}" height="{spec_h}" preserveAspectRatio="none" '
+        f'href="data:image/png;base64,{spec}"/>',
+        f'<text x="{left - 4}" y="{top + spec_h / 2}" text-anchor="end">mel bands</text>',
+        f'<image x="{left}" y="{top + spec_h + 4}" width="{w}" height="{row_h * len(classes)}" '
+        f'preserveAspectRatio="none" style="image-rendering:pixelated" '
+        f'href="data:image/png;base64,{heat}"/>']
+    out += [f'<text x="{left - 4}" y="{top + spec_h + 4 + row_h * (k + 0.8):.1f}" '
+            f'text-anchor="end">{escape(c)}</text>' for k, c in enumerate(classes)]
+    for e in events:  # a box in the class's row; over the spectrogram too while they are few
+        k, x0, x1 = classes.index(e["label"]), x_of(e["start"]), x_of(e["end"])
+        tip = (f'<title>{escape(e["label"])} {e["start"]:.3f}-{e["end"]:.3f} s, '
+               f'max {e["max"]:.2f}</title>')
+        out += [f'<rect x="{x0:.1f}" y="{top}" width="{max(x1 - x0, 1):.1f}" height="{spec_h}" '
+                f'fill="none" stroke="white" stroke-width="1">{tip}</rect>'] * (len(events) <= 60)
+        out += [f'<rect x="{x0:.1f}" y="{top + spec_h + 4 + row_h * k}" '
+                f'width="{max(x1 - x0, 1):.1f}" height="{row_h}" fill="none" stroke="#d62728" '
+                f'stroke-width="1.5">{tip}</rect>']
+    ticks, unit, scale = time_ticks(seconds)
+    axis = top + body_h + 16
+    out += [f'<text x="{x_of(t):.1f}" y="{axis}" text-anchor="middle">{t / scale:g} {unit}</text>'
+            f'<path d="M{x_of(t):.1f},{top + body_h} v4" stroke="black"/>' for t in ticks]
+    return "\n".join(out) + "\n</svg>\n"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from audiotx import UserError, load_clips, load_dataset, load_fold_models, scored_split, write_text
 from files import read_csv
 from layouts import clip_name
-from plot import heat_colors, nice_ticks, png, svg_lines, svg_open
+from plot import heat_colors, mel_filterbank, nice_ticks, png, svg_lines, svg_open
 
 # ----------------------------------------------------------------------------------------
 # REPORT.md, its tables and figures
@@ -286,25 +286,13 @@ def run_figures(run, fig_dir: Path) -> list:
 # Grad-CAM and attention over the clip's spectrogram
 # ----------------------------------------------------------------------------------------
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Triangular filters evenly spaced on the mel scale (2595 log10(1 + f / 700)) from 0 Hz to
-    Nyquist, each rising from its lower neighbour's centre to 1 and falling to the next's:
-    (F, n_mels)."""
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
-    hz = lambda m: 700 * (10 ** (m / 2595) - 1)  # noqa: E731
-    edges = hz(np.linspace(0, mel(sample_rate / 2), n_mels + 2))  # (n_mels + 2,) Hz
-    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1) each
-    rise, fall = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)  # (n_mels, F) each
-    return torch.from_numpy(np.maximum(0, np.minimum(rise, fall)).T).float()
-
-
 def log_mel(wave, sample_rate: int, n_fft: int = 1024, hop: int = 256, n_mels: int = 64):
     """Log mel spectrogram of wave (B, S): 64 ms Hann windows at 16 ms hops, 64 bands at 16 kHz.
     -> (B, n_mels, S // hop + 1)."""
     spec = torch.stft(wave.float(), n_fft, hop, window=torch.hann_window(n_fft),
                       return_complex=True)  # (B, F, frames)
-    return torch.log(mel_filterbank(sample_rate, n_fft, n_mels).t() @ spec.abs().square() + 1e-6)
+    bank = torch.from_numpy(mel_filterbank(sample_rate, n_fft, n_mels))  # (F, n_mels)
+    return torch.log(bank.t() @ spec.abs().square() + 1e-6)
 
 def svg_spectrogram(wave, sample_rate: int, seconds: float, *, title: str, curve=None, rows=()):
     """The clip's log-mel spectrogram (low bands at the bottom) with a curve over time laid on it

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io.wavfile
+import scipy.signal
 import scipy.stats
 import torch
 import torch.nn as nn
@@ -35,9 +37,11 @@ import torch.nn.functional as F
 import audiotx
 import clips
 import decode
+import events
 import fetch
 import layouts
 import plot
+import predict
 import processes
 import report
 import tools
@@ -104,8 +108,10 @@ def assert_one_line_error(code, err, culprit):
 
 
 def predict_cli(args, capsys):
+    """--predict in this process: (exit status, its lines on stdout but the settings line the text form
+    begins with, stderr)."""
     code, out, err = cli(["--predict", *args], capsys)
-    return code, out.splitlines(), err
+    return code, [line for line in out.splitlines() if not line.startswith("# audiotx: ")], err
 
 
 SAVES = ["bom", "crlf", "quoted", "blank rows", "reordered", "extra column", "semicolons"]
@@ -223,9 +229,9 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
 
 # ---- layout ----
 
-OURS = {"audiotx", "clips", "decode", "fetch", "files", "layouts", "logs", "plot", "predict", "processes",
-        "report", "tools"}
-LEAVES = {"clips", "decode", "fetch", "files", "layouts", "logs", "plot", "processes"}
+OURS = {"audiotx", "clips", "decode", "events", "fetch", "files", "layouts", "logs", "plot", "predict",
+        "processes", "report", "tools"}
+LEAVES = {"clips", "decode", "events", "fetch", "files", "layouts", "logs", "plot", "processes"}
 
 
 def module_imports(name: str) -> set:
@@ -382,10 +388,10 @@ def test_param_counts_split_trainable_frozen_and_buffers():
 
 
 def test_mel_filterbank_and_log_mel_find_a_tone():
-    fb = report.mel_filterbank(16000, 1024, 64)  # (513, 64)
+    fb = plot.mel_filterbank(16000, 1024, 64)  # (513, 64)
     freqs = np.linspace(0, 8000, 513)
     mel = 2595 * np.log10(1 + freqs / 700)
-    centres = freqs[fb.argmax(0).numpy()]
+    centres = freqs[fb.argmax(0)]
     assert fb.shape == (513, 64) and fb.min() >= 0 and fb.max() <= 1
     assert (np.diff(centres) >= 0).all()  # filters in rising order
     spacing = np.diff(2595 * np.log10(1 + centres[8:] / 700))  # evenly spaced in mel, away from the coarse bottom
@@ -1043,6 +1049,35 @@ def test_data_zip_trains_and_is_unpacked_once(fetching, tmp_path, capsys):
 
 # ---- prediction on a user's recordings ----
 
+def field_recording(path: Path, names: list, seed: int, noise_db=-50.0) -> list:
+    """A 48 kHz stereo 16-bit WAV of ESC-10 clips (names, in order), each after 3-8 s of quiet noise, and
+    noise after the last. -> the truth: [(start s, end s, category)]."""
+    table = {r["filename"]: r["category"] for r in read_rows(REAL_DATA / "meta" / "esc50.csv")}
+    rng, parts, truth, at = np.random.default_rng(seed), [], [], 0
+    for name in names + [None]:
+        gap = rng.normal(0, 10 ** (noise_db / 20), (round(rng.uniform(3, 8) * 48000), 2))
+        parts.append(gap)
+        at += len(gap)
+        if name is not None:
+            rate, clip = scipy.io.wavfile.read(REAL_DATA / "audio" / name)
+            clip = scipy.signal.resample_poly(clip / 32768, 48000 // math.gcd(rate, 48000), rate // math.gcd(rate, 48000))
+            parts.append(np.repeat(clip[:, None], 2, axis=1))
+            truth.append((at / 48000, (at + len(clip)) / 48000, table[name]))
+            at += len(clip)
+    wave = np.clip(np.round(np.concatenate(parts) * 32768), -32768, 32767).astype(np.int16)
+    scipy.io.wavfile.write(path, 48000, wave)
+    return truth
+
+
+def score_events(found: list, truth: list, hop: float) -> tuple:
+    """(the clips that came back as an event of their class starting and ending within hop of theirs, the
+    events lying mostly in the gaps between clips)."""
+    hits = sum(any(e["label"] == label and abs(e["start"] - start) <= hop and abs(e["end"] - end) <= hop
+                   for e in found) for start, end, label in truth)
+    on_clips = lambda e: sum(max(0, min(e["end"], b) - max(e["start"], a)) for a, b, _ in truth)  # noqa: E731
+    return hits, sum(on_clips(e) < (e["end"] - e["start"]) / 2 for e in found)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny finished run (fold 1 held out) and its dataset, shared by the --predict tests."""
@@ -1066,7 +1101,7 @@ def test_predict_reproduces_the_runs_averaged_fold_models(trained, capsys):
     code, lines, err = predict_cli([str(root / "audio" / f) for f in files] + ["--run", str(run), "--json"], capsys)
     assert code == 0, err
     got = [json.loads(line) for line in lines]
-    assert [Path(g["file"]).name for g in got] == files and "windows" not in got[0]
+    assert [Path(g["file"]).name for g in got] == files and len(got[0]["windows"]) == 1  # a clip: one window
     for g, f in zip(got, files):
         mean = np.mean(expect[f], axis=0)
         assert [g["probs"][c] for c in classes] == pytest.approx(mean, abs=1e-3)
@@ -1094,7 +1129,7 @@ def test_predict_cuts_a_long_stereo_48k_file_into_windows_that_tile_it(trained, 
     assert all(b[0] <= a[1] for a, b in zip(spans, spans[1:]))  # no gap between windows
     mean = np.mean([[w["probs"][c] for c in long["probs"]] for w in long["windows"]], axis=0)
     assert list(long["probs"].values()) == pytest.approx(mean, abs=1e-5)  # the file's answer is their mean
-    assert "windows" not in short  # shorter than a window: padded, one answer
+    assert [(w["start"], w["end"]) for w in short["windows"]] == [(0.0, 0.435)]  # shorter than a window: padded
 
 
 @pytest.mark.slow
@@ -1107,7 +1142,8 @@ def test_predict_walks_a_folder_and_names_a_bad_file_among_good_ones(trained, tm
     (tmp_path / "in" / "sub" / "c.WAV").write_bytes(good[1].read_bytes())
     code, lines, err = predict_cli([str(tmp_path / "in"), "--run", str(run)], capsys)
     assert code == 2 and [Path(line.split()[0]).name for line in lines] == ["a.wav", "c.WAV"]
-    assert err.count("\n") == 1 and "bad.wav" in err and "Traceback" not in err
+    assert err.count("\n") == 2 and "bad.wav" in err and "Traceback" not in err
+    assert err.splitlines()[-1] == "audiotx: 1 of 3 files could not be read (named above)"
     (tmp_path / "empty").mkdir()
     code, lines, err = predict_cli([str(tmp_path / "empty"), "--run", str(run)], capsys)
     assert_one_line_error(code, err, f"no audio file in {tmp_path / 'empty'}")
@@ -1226,6 +1262,240 @@ def test_the_shipped_model_classifies_official_fold_1(capsys):
     answers = [json.loads(line) for line in lines]
     right = sum(a["pred"] == table[Path(a["file"]).name] for a in answers)
     assert len(answers) == 80 and right / 80 >= 0.8
+
+
+# ---- long recordings: streaming, events, tables, timelines ----
+
+@pytest.mark.parametrize("rate,target", [(48000, 16000), (44100, 16000), (22050, 16000), (8000, 16000), (1000, 16000),
+                                         (16000, 16000)])
+def test_resampling_block_by_block_gives_what_resample_poly_gives_on_the_whole(rate, target):
+    rng = np.random.default_rng(rate)
+    wave = rng.standard_normal(rate * 7 + 123).astype(np.float32)
+    g = math.gcd(rate, target)
+    whole = scipy.signal.resample_poly(wave, target // g, rate // g).astype(np.float32)
+    resampler, parts, at = decode.Resampler(rate, target), [], 0
+    while at < len(wave):  # blocks of random sizes, a few samples to seconds
+        size = int(rng.integers(1, 3 * rate))
+        parts.append(resampler.push(wave[at:at + size], final=at + size >= len(wave)))
+        at += size
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_windows_of_a_stream_are_the_windows_of_the_whole():
+    rng = np.random.default_rng(0)
+    for length in [1, 799, 800, 801, 1200, 3333, 10000]:
+        x = rng.integers(-9, 9, length).astype(np.int16)
+        for n, hop in [(800, 400), (800, 800), (800, 123)]:
+            cuts = np.sort(rng.integers(0, length, 5))
+            got = list(clips.stream_windows(iter(np.split(x, cuts)), n, hop))
+            assert [s for s, _ in got] == clips.window_starts(length, n, hop)
+            assert all(np.array_equal(w, x[s:s + n]) for s, w in got)
+
+
+def test_a_wav_is_read_a_block_at_a_time_as_scipy_reads_it_whole(tmp_path):
+    data = (np.random.default_rng(1).standard_normal((48000 * 3 + 17, 2)) * 3000).astype(np.int16)
+    scipy.io.wavfile.write(tmp_path / "a.wav", 48000, data)
+    blocks = list(decode.blocks(tmp_path / "a.wav", block_seconds=0.5))
+    assert len(blocks) == 7 and {r for r, _ in blocks} == {48000}
+    assert all(len(b) == 24000 for _, b in blocks[:-1]) and np.array_equal(np.concatenate([b for _, b in blocks]), data)
+
+
+@needs_ffmpeg
+def test_a_24_bit_wav_and_a_flac_stream_through_ffmpeg_with_the_samples_scipy_reads(tmp_path):
+    tone(tmp_path / "a.wav", 440, seconds=2.5, rate=22050, channels=2)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "a.wav"), "-c:a", "pcm_s24le", str(tmp_path / "b.wav")],
+                   check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "a.wav"), str(tmp_path / "c.flac")], check=True)
+    expect = audiotx.load_audio(tmp_path / "a.wav")[0]
+    for name in ("b.wav", "c.flac"):  # scipy cannot map 24-bit samples: ffmpeg streams them
+        blocks = list(decode.blocks(tmp_path / name, block_seconds=1))
+        assert len(blocks) == 3 and blocks[0][0] == 22050
+        got = np.concatenate([audiotx.to_mono_float(name, b) for _, b in blocks])
+        assert np.abs(got - expect).max() < 1e-4
+
+
+def test_thresholds_reach_the_precision_target_with_the_most_predictions():
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.4])
+    right = np.array([1, 1, 0, 1, 1, 1, 0], bool)
+    # precision of the top 1..7: 1, 1, .67, .75, .8, .83, .71: the lowest threshold reaching 0.8 is 0.5
+    assert events.precision_threshold(probs, right, 0.8) == 0.5
+    assert events.precision_threshold(probs, right, 0.9) == 0.8 and events.precision_threshold(probs, right, 0.7) == 0.4
+    assert events.precision_threshold(probs[2:3], right[2:3], 0.5) == math.inf  # never right: never an event
+    ties = np.array([0.9, 0.6, 0.6]), np.array([1, 1, 0], bool)  # a threshold keeps both ties or neither
+    assert events.precision_threshold(*ties, 0.7) == 0.9
+    labels = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    # class 0 is predicted for rows 0 (right) and 3 (wrong); class 1 for rows 1 (wrong), 2, 4 (right)
+    assert events.class_thresholds(labels, p, 0.9).tolist() == [0.9, 0.8]
+
+
+def test_windows_merge_into_events_at_whole_milliseconds():
+    rate, n, hop = 1000, 4000, 2000  # windows of 4 s every 2 s
+    starts = [k * hop for k in range(8)]
+    ends = [s + n for s in starts]
+    top = [None, "a", "a", "a", None, "b", None, "a"]
+    sure = [0.0, 0.6, 0.95, 0.9, 0.0, 0.7, 0.0, 0.8]
+    probs = np.array([[0.5, 0.5] if c is None else [q, 1 - q] if c == "a" else [1 - q, q] for c, q in zip(top, sure)])
+    found = events.find_events(starts, ends, probs, np.array([0.55, 0.55]), ["a", "b"], rate)
+    # windows 1-3 say a; window 1 is less sure than window 2 (0.6 < 0.9 * 0.95), so it is left out; the run of
+    # windows 2-3 gives half its overlaps with windows 1 and 4 away; lone windows 5 and 7 are events as they are
+    assert found == [{"start": 5.0, "end": 9.0, "label": "a", "max": 0.95, "mean": 0.925},
+                     {"start": 10.0, "end": 14.0, "label": "b", "max": 0.7, "mean": 0.7},
+                     {"start": 14.0, "end": 18.0, "label": "a", "max": 0.8, "mean": 0.8}]
+    probs[4], probs[5] = [0.8, 0.2], [0.4, 0.6]  # b, less sure than the a window that overlaps it, gives way
+    assert [e["label"] for e in events.find_events(starts, ends, probs, np.array([0.55, 0.55]), ["a", "b"], rate)] \
+        == ["a", "a"]
+    assert events.find_events([0], [6067], np.array([[0.9, 0.1]]), np.array([0.5, 0.5]), ["a", "b"], 10)[0]["end"] \
+        == 606.7  # not 606.7000000000001
+    assert events.find_events(starts, ends, probs, np.array([0.99, 0.99]), ["a", "b"], rate) == []
+
+
+def test_time_axes_tick_in_round_seconds_minutes_or_hours():
+    assert plot.time_ticks(110.0)[1:] == ("s", 1) and round_step(plot.time_ticks(110.0)[0])
+    ticks, unit, scale = plot.time_ticks(3600.0)
+    assert unit == "min" and ticks[-1] == 3600 and round_step([t / 60 for t in ticks])
+    ticks, unit, _ = plot.time_ticks(10 * 3600.0)
+    assert unit == "h" and ticks[-1] <= 36000 and all(t % 3600 == 0 for t in ticks)
+
+
+def test_the_timeline_holds_hours_in_bounded_columns():
+    mel = plot.MelColumns(8000, most=64)
+    for _ in range(40):  # 40 blocks of 2 s
+        mel.push(np.random.default_rng(0).standard_normal(16000).astype(np.float32))
+    assert 32 <= len(mel.columns) < 64 and mel.per == 32  # 1250 frames, merged in pairs past 64 columns
+    image = mel.image(20)
+    assert image.shape[0] == 48 and image.shape[1] <= 20 and image.min() == 0 and image.max() == 1
+
+
+@pytest.mark.slow
+def test_a_streamed_recording_gives_the_windows_and_probabilities_of_the_whole_file(trained, tmp_path, capsys):
+    _, run = trained  # 1 s windows at 8 kHz: a 7.3 s 48 kHz stereo file, read in blocks, every 0.3 s
+    t = np.arange(int(7.3 * 48000)) / 48000
+    stereo = np.stack([np.sin(2 * np.pi * 600 * t), np.sin(2 * np.pi * 300 * t)], axis=1) * 0.3
+    scipy.io.wavfile.write(tmp_path / "long.wav", 48000, (stereo * 32767).astype(np.int16))
+    code, lines, err = predict_cli([str(tmp_path / "long.wav"), "--run", str(run), "--json", "--hop", "0.3"], capsys)
+    assert code == 0, err
+    rec = json.loads(lines[0])
+    cfg, _, models = audiotx.load_fold_models(run)
+    wave, rate = audiotx.load_audio(tmp_path / "long.wav")  # the whole file, as training reads it
+    held = clips.Clips(torch.from_numpy(clips.to_int16(audiotx.to_rate(wave, rate, 8000))), torch.tensor([58400]), 8000)
+    rows, _ = held.windows(torch.tensor([0]), 2400)
+    expect = sum(audiotx.predict_windows(m, held, rows) for m in models) / len(models)
+    assert [w["start"] for w in rec["windows"]] == [round(s / 8000, 3) for _, s in rows]
+    assert rec["windows"][-1]["end"] == 7.3 and rec["settings"]["hop_seconds"] == 0.3
+    got = [[w["probs"][c] for c in rec["probs"]] for w in rec["windows"]]
+    assert np.abs(np.array(got) - expect.numpy()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_tables_per_recording_and_combined_and_a_rerun_skips_what_is_done(trained, tmp_path, capsys, monkeypatch):
+    _, run = trained
+    tone(tmp_path / "in" / "one.wav", 300, seconds=3.5, rate=16000, channels=2)
+    tone(tmp_path / "in" / "sub" / "two.wav", 900, seconds=2.25, rate=8000)
+    flags = [str(tmp_path / "in"), "--run", str(run), "--min-conf", "0", "--out", str(tmp_path / "out")]
+    code, _, err = predict_cli(flags + ["--format", "raven", "--plot"], capsys)
+    assert code == 0, err
+    recs = [json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("one", "sub/two")]
+    table = [line.split("\t") for line in (tmp_path / "out" / "combined.selections.txt").read_text().splitlines()]
+    assert table[0] == events.RAVEN_COLUMNS and len(table) == 1 + sum(len(r["events"]) for r in recs)
+    for row, e in zip(table[1:], recs[0]["events"] + recs[1]["events"]):
+        offset = 0 if row[9] == "one.wav" else 3.5  # the second recording's times run on from the first's end
+        assert row[1:3] == ["Spectrogram 1", "1"] and float(row[3]) == pytest.approx(e["start"] + offset)
+        assert float(row[10]) == e["start"] and row[7] == e["label"] and int(row[6]) == 4000  # half of 8 kHz
+    assert (tmp_path / "out" / "sub" / "two.selections.txt").is_file()
+    svg = (tmp_path / "out" / "one.svg").read_text()
+    ET.fromstring(svg)  # well-formed
+    assert all(c in svg for c in recs[0]["probs"]) and ">3 s<" in svg
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    monkeypatch.setattr(predict, "classify", lambda *a: pytest.fail("a finished recording was read again"))
+    code, _, err = predict_cli(flags + ["--format", "raven", "--plot"], capsys)
+    assert code == 0 and {p: p.stat().st_mtime_ns for p in kept if p.name != "combined.selections.txt"} == \
+        {p: t for p, t in kept.items() if p.name != "combined.selections.txt"}
+    assert (tmp_path / "out" / "combined.selections.txt").read_text().splitlines() == ["\t".join(r) for r in table]
+    monkeypatch.undo()
+    code, lines, err = predict_cli(flags[:-2] + ["--format", "audacity", "--shard", "2/2"], capsys)
+    assert code == 0 and lines[0] == f"0.000\t0.000\taudiotx: {audiotx.shown_path(run)}, hop 0.5 s, min-conf 0"
+    assert lines[1:] == [f"{e['start']:.3f}\t{e['end']:.3f}\t{e['label']} {e['max']:.2f}" for e in recs[1]["events"]]
+    code, lines, err = predict_cli(flags[:-2] + ["--format", "csv"], capsys)
+    rows = list(csv.DictReader(lines))
+    assert len(rows) == len(recs[0]["windows"]) + len(recs[1]["windows"])
+    assert list(rows[0])[:4] == ["file", "start", "end", "detected"] and len(rows[0]) == 4 + 3
+
+
+def test_predict_flags_that_cannot_work_are_one_line(tmp_path, capsys):
+    for flags, culprit in [(["--format", "text", "--out", "x"], "--out writes files"), (["--plot"], "--plot"),
+                           (["--shard", "3/2"], "--shard 3/2"), (["--min-conf", "1.5"], "--min-conf"),
+                           (["--hop", "-1"], "--hop")]:
+        assert_one_line_error(*predict_cli([str(tmp_path)] + flags, capsys)[::2], culprit)
+
+
+@pytest.mark.slow
+def test_min_conf_auto_takes_thresholds_from_the_runs_validation_alone(trained, tmp_path, capsys):
+    root, run = trained
+    clip = str(sorted((root / "audio").glob("1-*.wav"))[0])
+    code, lines, err = predict_cli([clip, "--run", str(run), "--json", "--min-conf", "auto"], capsys)
+    assert code == 0, err
+    rows = read_rows(run / "predictions.csv")
+    classes = json.loads((run / "config.json").read_text())["classes"]
+    for k, c in enumerate(classes):  # by brute force: the lowest validation probability that keeps 90% right
+        preds = [(float(r[f"p_{c}"]), int(r["label"]) == k) for r in rows if r["split"] == "val"
+                 and max(classes, key=lambda d: float(r[f"p_{d}"])) == c]
+        ok = [t for t, _ in preds if np.mean([right for q, right in preds if q >= t]) >= 0.9]
+        assert json.loads(lines[0])["settings"]["thresholds"][c] == pytest.approx(min(ok) if ok else math.inf, abs=1e-4)
+    shutil.copytree(run, tmp_path / "bare")
+    (tmp_path / "bare" / "predictions.csv").unlink()
+    assert_one_line_error(*predict_cli([clip, "--run", str(tmp_path / "bare"), "--min-conf", "auto"], capsys)[::2],
+                          "predictions.csv")
+
+
+def test_an_audacity_label_track_corrected_by_hand_is_training_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "field").mkdir()
+    for k in range(10):  # ten recordings, each 2 s of a 300 Hz tone and then 2 s of a 900 Hz one
+        a, b = tone(tmp_path / "x.wav", 300, seconds=2, seed=k), tone(tmp_path / "x.wav", 900, seconds=2, seed=k + 50)
+        scipy.io.wavfile.write(tmp_path / "field" / f"rec {k}.wav", 8000, np.concatenate([a, b]))
+        found = [{"start": 0.0, "end": 2.5, "label": "low", "max": 0.71, "mean": 0.7},
+                 {"start": 1.5, "end": 4.0, "label": "low", "max": 0.52, "mean": 0.5}]  # as --predict wrote it
+        lines = events.audacity_lines(found, "audiotx: the shipped model, hop 2.5 s, min-conf 0.5")
+        lines[2] = "2.000\t4.000\thigh"  # corrected by hand in Audacity
+        (tmp_path / "field" / f"rec {k}.txt").write_text("\n".join(lines + ["\\\t100.0\t2000.0"]) + "\n")
+    (tmp_path / "x.wav").unlink()
+    audio_dir, rows, layout = layouts.read_layout(tmp_path / "field")
+    assert layout == "label tracks" and len(rows) == 20 and audio_dir == tmp_path / "field"
+    assert rows[:2] == [{"filename": "rec 0.wav", "fold": None, "category": "low", "src_file": "rec 0.wav",
+                         "start": 0.0, "end": 2.5},
+                        {"filename": "rec 0.wav", "fold": None, "category": "high", "src_file": "rec 0.wav",
+                         "start": 2.0, "end": 4.0}]
+    flags = ["--data", str(tmp_path / "field"), "--sample-rate", "8000", "--clip-seconds", "1", "--dim", "16",
+             "--epochs", "1", "--out", str(tmp_path / "runs"), "--kfold", "2"]
+    code, out, err = cli(flags, capsys)
+    assert code == 0 and "high" in out and "low" in out, err
+
+
+@pytest.mark.slow
+@needs_real_data
+def test_the_shipped_model_finds_fold_1_clips_in_field_recordings_as_events(tmp_path, capsys):
+    """Three 48 kHz stereo recordings of ten fold-1 clips each (one of every class, drawn with fixed seeds; the
+    shipped model never trained on fold 1), 3-8 s of quiet noise between them, with the defaults: how many clips
+    come back as an event of their class within a hop of their start and end, and how many events fall in the
+    gaps. The issue's target, 70% with at most one gap event a recording, is not reached (NOTES): this holds
+    the measured level, 17 of 30 with at most 2, so that a change can only move it up."""
+    rows = [r for r in read_rows(REAL_DATA / "meta" / "esc50.csv") if r["esc10"] == "True" and r["fold"] == "1"]
+    by_class = {}
+    for r in rows:
+        by_class.setdefault(r["category"], []).append(r["filename"])
+    hits, most_gaps = 0, 0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        names = [by_class[c][rng.integers(len(by_class[c]))] for c in rng.permutation(sorted(by_class))]
+        truth = field_recording(tmp_path / f"field {seed}.wav", names, seed)
+        code, lines, err = predict_cli([str(tmp_path / f"field {seed}.wav"), "--json"], capsys)
+        assert code == 0, err
+        rec = json.loads(lines[0])
+        found, gaps = score_events(rec["events"], truth, rec["settings"]["hop_seconds"])
+        hits, most_gaps = hits + found, max(most_gaps, gaps)
+    assert hits >= 17 and most_gaps <= 2, (hits, most_gaps)
 
 
 # ---- training ----

@@ -265,8 +265,8 @@ def bench(cfg: Config) -> dict:
           f"projected {grid_min:.0f} min; peak resident memory {rss:.0f} MiB")
     result = {"rows": rows, "matmul_gflops": peak, "grid_min": grid_min, "peak_rss_mib": rss,
               "threads": torch.get_num_threads(), "versions": versions()}
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(cfg.out) / "bench.json", result)
+    Path(cfg.out or "runs").mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.out or "runs") / "bench.json", result)
     return result
 
 
