@@ -213,7 +213,8 @@ def table_text(fmt: str, recs: list, model: Model) -> str:
         for rec in recs:
             out += events.window_rows(rec["file"], *window_table(rec, model), model.thresholds,
                                       classes, model.rate)
-        return csv_text(["file", "start", "end", "detected", *(f"p_{c}" for c in classes)], out)
+        detected = f"detected at min-conf {model.settings['min_conf']}"  # the settings, stated
+        return csv_text(["file", "start", "end", detected, *(f"p_{c}" for c in classes)], out)
     return "".join(json.dumps(rec) + "\n" for rec in recs)  # json: a line per recording
 
 

@@ -1419,7 +1419,7 @@ def test_tables_per_recording_and_combined_and_a_rerun_skips_what_is_done(traine
     code, lines, err = predict_cli(flags[:-2] + ["--format", "csv"], capsys)
     rows = list(csv.DictReader(lines))
     assert len(rows) == len(recs[0]["windows"]) + len(recs[1]["windows"])
-    assert list(rows[0])[:4] == ["file", "start", "end", "detected"] and len(rows[0]) == 4 + 3
+    assert list(rows[0])[:4] == ["file", "start", "end", "detected at min-conf 0"] and len(rows[0]) == 4 + 3
 
 
 def test_predict_flags_that_cannot_work_are_one_line(tmp_path, capsys):
