@@ -125,6 +125,16 @@ def model_rate_blocks(path, rate: int):
     yield file_rate, to_int16(resampler.push(np.zeros(0, np.float32), final=True))
 
 
+READ_ERRORS = (UserError, decode.DecodeError, OSError, ValueError, EOFError)  # a bad file's
+
+
+def unreadable(path, e: Exception) -> str:
+    """The line that names a file that could not be read, and why."""
+    if isinstance(e, (UserError, decode.DecodeError)):
+        return str(e)
+    return f"{path}: not a readable audio file ({str(e).splitlines()[0]})"
+
+
 def classify(path: Path, model: Model, plot: bool) -> dict:
     """One recording -> {seconds, its sample rate, starts and ends of its windows (samples),
     probs (W, K), mel (the timeline's spectrogram, with plot)}."""
@@ -218,6 +228,13 @@ def table_text(fmt: str, recs: list, model: Model) -> str:
     return "".join(json.dumps(rec) + "\n" for rec in recs)  # json: a line per recording
 
 
+def timeline_svg(rec: dict, found: dict, model: Model) -> str:
+    """The recording's timeline (plot.svg_timeline), from classify's mel columns."""
+    starts = [w["start"] for w in rec["windows"]]
+    return svg_timeline(found["mel"].image(1200), rec["seconds"], starts, found["probs"],
+                        model.classes, rec["events"], f"{rec['file']}: {settings_line(model)}")
+
+
 def write(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -253,11 +270,7 @@ class Outputs:
         if self.fmt != "json":
             write(self.dir / (name + SUFFIXES[self.fmt]), table_text(self.fmt, [rec], self.model))
         if self.plot:
-            starts = [w["start"] for w in rec["windows"]]
-            svg = svg_timeline(found["mel"].image(1200), rec["seconds"], starts, found["probs"],
-                               self.model.classes, rec["events"], f"{rec['file']}: "
-                               f"{settings_line(self.model)}")
-            write(self.dir / f"{name}.svg", svg)
+            write(self.dir / f"{name}.svg", timeline_svg(rec, found, self.model))
         write(self.dir / f"{name}.json", json.dumps(rec, indent=1) + "\n")
 
     def finish(self, recs: list):
@@ -361,10 +374,8 @@ def command(cfg: audiotx.Config) -> int:
         if not rec:
             try:
                 found_here = classify(path, model, cfg.plot)
-            except (UserError, decode.DecodeError, OSError, ValueError, EOFError) as e:
-                why = str(e) if isinstance(e, (UserError, decode.DecodeError)) else \
-                    f"{path}: not a readable audio file ({str(e).splitlines()[0]})"
-                print(f"audiotx: error: {why}", file=sys.stderr)
+            except READ_ERRORS as e:
+                print(f"audiotx: error: {unreadable(path, e)}", file=sys.stderr)
                 failed += 1
                 continue
             rec = record(name, path, found_here, model)

@@ -5,6 +5,7 @@ data and splits on the real ESC-10 csv, and the command end to end on real and s
 """
 
 import ast
+import base64
 import csv
 import dataclasses
 import fcntl
@@ -18,8 +19,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
@@ -44,6 +48,7 @@ import plot
 import predict
 import processes
 import report
+import serve
 import tools
 
 HERE = Path(__file__).resolve().parent
@@ -230,7 +235,7 @@ def check_run_files(run_dir: Path, k: int, has_test: bool):
 # ---- layout ----
 
 OURS = {"audiotx", "clips", "decode", "events", "fetch", "files", "layouts", "logs", "plot", "predict",
-        "processes", "report", "tools"}
+        "processes", "report", "serve", "tools"}
 LEAVES = {"clips", "decode", "events", "fetch", "files", "layouts", "logs", "plot", "processes"}
 
 
@@ -247,14 +252,16 @@ def module_imports(name: str) -> set:
 
 
 def test_imports_go_one_way_and_every_file_is_accounted_for():
-    """Leaves import nothing of ours, audiotx only leaves, the tools audiotx and leaves; every
-    module of the checkout is one of these, and the README's file list names each."""
+    """Leaves import nothing of ours, audiotx only leaves, the tools audiotx and leaves (serve.py, the page,
+    the tools whose answers it shows too); every module of the checkout is one of these, and the README's
+    file list names each."""
     assert {p.stem for p in HERE.glob("*.py")} == OURS | {"test_audiotx"}
     for leaf in LEAVES:
         assert module_imports(leaf) == set(), leaf
     assert module_imports("audiotx") <= LEAVES
     for tool in OURS - LEAVES - {"audiotx"}:
-        assert "audiotx" in module_imports(tool) and module_imports(tool) <= LEAVES | {"audiotx"}, tool
+        front = {"predict", "report"} if tool == "serve" else set()  # the page serves their answers
+        assert "audiotx" in module_imports(tool) and module_imports(tool) <= LEAVES | {"audiotx"} | front, tool
     assert "sys.modules" not in (HERE / "audiotx.py").read_text()
     readme = (HERE / "README.md").read_text()
     assert all(f"`{name}.py`" in readme for name in OURS)
@@ -1496,6 +1503,147 @@ def test_the_shipped_model_finds_fold_1_clips_in_field_recordings_as_events(tmp_
         found, gaps = score_events(rec["events"], truth, rec["settings"]["hop_seconds"])
         hits, most_gaps = hits + found, max(most_gaps, gaps)
     assert hits >= 17 and most_gaps <= 2, (hits, most_gaps)
+
+
+# ---- the page and its API (serve.py) ----
+
+@pytest.fixture
+def served(trained, tmp_path, monkeypatch):
+    """serve.py on a free loopback port, listing the shipped model and the tiny trained run, uploads
+    capped at 1 MB, its temporary files in a folder of the test's own: (address, that folder)."""
+    shutil.copytree(trained[1], tmp_path / "runs" / "tiny", ignore=shutil.ignore_patterns("wandb"))
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(uploads))
+    server = serve.make_server("127.0.0.1", 0, tmp_path / "runs", 1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", uploads
+    server.shutdown()
+    server.server_close()
+
+
+def api(url: str, body: bytes = None, headers=None) -> tuple:
+    """(status, the JSON answer) of a GET, or of a POST with body."""
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_the_api_answers_what_predict_json_prints_and_refuses_what_it_cannot_use(served, trained, capsys):
+    url, uploads = served
+    with urllib.request.urlopen(url + "/") as r:  # the page asks nothing of any other server
+        page = r.read().decode()
+    assert "<title>audiotx</title>" in page
+    assert not any(w in page for w in ("http://", "https://", "src=\"//", "href=\"//", "@import"))
+    status, models = api(url + "/api/models")
+    assert status == 200 and [m["id"] for m in models] == ["shipped", "tiny"] and models[1]["arch"] == "transformer"
+    clip = sorted((trained[0] / "audio").glob("1-*.wav"))[0]
+    status, rec = api(url + "/api/predict?model=tiny&name=clip.wav", clip.read_bytes())
+    code, lines, _ = predict_cli([str(clip), "--run", str(trained[1]), "--json"], capsys)
+    expect = json.loads(lines[0])
+    assert status == 200 and rec["file"] == "clip.wav" and rec["probs"] == expect["probs"]
+    assert rec["windows"] == expect["windows"] and rec["events"] == expect["events"]
+    status, rec = api(url + "/api/predict?model=tiny&name=clip.wav&views=1", clip.read_bytes())
+    ET.fromstring(rec["views"]["attention"])  # the transformer's <cls> attention over the spectrogram
+    assert "attention" in rec["views"]["attention"]
+    for query, body, want, says in [
+            ("model=tiny&name=notes.txt", b"hello", 400, "notes.txt: not an audio file name"),
+            ("model=tiny&name=broken.wav", b"RIFF" + bytes(100), 400, "broken.wav: not a readable audio file"),
+            ("model=../runs/tiny&name=clip.wav", clip.read_bytes(), 404, "no model '../runs/tiny'"),
+            ("model=tiny&name=big.wav", bytes(5 * 2 ** 19 + 3), 413, "over --max-mb (1 MB)")]:
+        status, out = api(f"{url}/api/predict?{query}", body)
+        assert status == want and says in out["error"] and len(out["error"].splitlines()) == 1, out
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:  # not even HTTP
+        s.sendall(b"\x00\xff garbage\r\n\r\n")
+        s.recv(1000)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(api(url + "/api/predict?model=tiny&name=c.wav",
+                                                                   clip.read_bytes())[0])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [200] * 8 and list(uploads.iterdir()) == []  # all answered; no upload kept
+
+
+def webdriver(base: str, method: str, path: str, body=None):
+    """One W3C WebDriver command to chromedriver: its value."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())["value"]
+
+
+def shown_answers(base: str, count: int, deadline: float) -> list:
+    """The top classes the page shows once count answers are in (newest first)."""
+    while time.time() < deadline:
+        found = webdriver(base, "POST", "/elements", {"using": "css selector", "value": ".result[data-done]"})
+        if len(found) >= count:
+            script = "return [...document.querySelectorAll('.result')].map(d => " \
+                     "(d.querySelector('.top') || d.querySelector('.error')).textContent)"
+            return webdriver(base, "POST", "/execute/sync", {"script": script, "args": []})
+        time.sleep(0.5)
+    pytest.fail(f"the page showed fewer than {count} answers")
+
+
+needs_browser = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")) and not os.environ.get("CI"),
+    reason="Chromium and chromedriver are not installed (.ci/run installs them; under CI these tests must run)")
+
+
+@pytest.mark.slow
+@needs_real_data
+@needs_browser
+def test_the_page_in_chromium_classifies_an_upload_and_a_recording(served, tmp_path):
+    """A fold-1 chainsaw (the shipped model never trained on fold 1) chosen in the file picker, then
+    the same sound recorded through Chromium's fake microphone for about 6 s."""
+    url, _ = served
+    clip = REAL_DATA / "audio" / "1-64398-A-41.wav"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    driver = subprocess.Popen([shutil.which("chromedriver"), f"--port={port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                if webdriver(base, "GET", "/status")["ready"]:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,840",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={clip}", "--autoplay-policy=no-user-gesture-required"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": shutil.which("chromium"), "args": args}}}}
+        session = webdriver(base, "POST", "/session", caps)["sessionId"]
+        base += f"/session/{session}"
+        webdriver(base, "POST", "/url", {"url": url})
+        picker = webdriver(base, "POST", "/element", {"using": "css selector", "value": "#file"})
+        picker = next(iter(picker.values()))
+        webdriver(base, "POST", f"/element/{picker}/value", {"text": str(clip)})
+        assert shown_answers(base, 1, time.time() + 120) == ["chainsaw"]
+        button = next(iter(webdriver(base, "POST", "/element", {"using": "css selector", "value": "#record"}).values()))
+        webdriver(base, "POST", f"/element/{button}/click", {})
+        time.sleep(6)
+        webdriver(base, "POST", f"/element/{button}/click", {})
+        assert shown_answers(base, 2, time.time() + 120) == ["chainsaw", "chainsaw"]
+        picture = base64.b64decode(webdriver(base, "GET", "/screenshot"))
+        assert picture.startswith(b"\x89PNG")
+        if os.environ.get("AUDIOTX_SCREENSHOT"):  # the README's picture
+            Path(os.environ["AUDIOTX_SCREENSHOT"]).write_bytes(picture)
+        webdriver(base, "DELETE", "", None)
+    finally:
+        driver.kill()
+        driver.wait()
 
 
 # ---- training ----
