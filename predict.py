@@ -155,7 +155,8 @@ def classify(path: Path, model: Model, plot: bool) -> dict:
         if len(batch) == BATCH:
             probs.append(model.probs(batch))
             batch = []
-    probs.append(model.probs(batch)) if batch else None
+    if batch:
+        probs.append(model.probs(batch))
     return {"seconds": total / model.rate, "file_rate": int(file_rate), "starts": starts,
             "ends": [min(s + model.n, total) for s in starts],
             "probs": torch.cat(probs).double().numpy(), "mel": mel}
@@ -353,35 +354,51 @@ def check_flags(cfg: audiotx.Config):
     shard_of(cfg.shard)
 
 
-def command(cfg: audiotx.Config) -> int:
-    """--predict: every recording's windows, probabilities and events, to stdout or --out. A
-    file that cannot be read is named on stderr and skipped; the exit status is then 2."""
-    check_flags(cfg)
-    found, shard = take_shard(audio_files(cfg.predict), cfg.shard)
+def check_names(found: list):
+    """Two recordings that would write one output name are refused before any work."""
     names = {}
     for path, name in found:
         if names.setdefault(name, path) != path:
             raise UserError(f"{names[name]} and {path} would write the same outputs ({name}); "
                             "rename one or predict them apart")
-    model = load_model(cfg)
-    outputs = Outputs(cfg, model, shard) if cfg.out else None
-    progress, recs, failed = Progress(found), [], 0
-    width = max(len(str(p)) for p, _ in found)
-    if cfg.format == "text":
-        print(f"# {settings_line(model)}")
+
+
+def records(found: list, model: Model, outputs, plot: bool):
+    """Each recording's record, made, or read back where --out holds it done; an unreadable
+    recording is named on stderr and gives None."""
     for path, name in found:
         rec = outputs and outputs.done(name)
-        if not rec:
-            try:
-                found_here = classify(path, model, cfg.plot)
-            except READ_ERRORS as e:
-                print(f"audiotx: error: {unreadable(path, e)}", file=sys.stderr)
-                failed += 1
-                continue
-            rec = record(name, path, found_here, model)
-            outputs.save(rec, found_here) if outputs else None
+        if rec:
+            yield rec
+            continue
+        try:
+            found_here = classify(path, model, plot)
+        except READ_ERRORS as e:
+            print(f"audiotx: error: {unreadable(path, e)}", file=sys.stderr)
+            yield None
+            continue
+        rec = record(name, path, found_here, model)
+        if outputs:
+            outputs.save(rec, found_here)
+        yield rec
+
+
+def command(cfg: audiotx.Config) -> int:
+    """--predict: every recording's windows, probabilities and events, to stdout or --out. A
+    file that cannot be read is named on stderr and skipped; the exit status is then 2."""
+    check_flags(cfg)
+    found, shard = take_shard(audio_files(cfg.predict), cfg.shard)
+    check_names(found)
+    model = load_model(cfg)
+    outputs = Outputs(cfg, model, shard) if cfg.out else None
+    progress, recs, width = Progress(found), [], max(len(str(p)) for p, _ in found)
+    if cfg.format == "text":
+        print(f"# {settings_line(model)}")
+    for rec in records(found, model, outputs, cfg.plot):
+        progress.update(rec["seconds"] if rec else 0.0)
+        if rec is None:
+            continue
         recs.append(rec)
-        progress.update(rec["seconds"])
         if not outputs and cfg.format in ("text", "json"):  # a line as soon as it is known
             lines = text_lines(rec, model, width) if cfg.format == "text" else [json.dumps(rec)]
             print("\n".join(lines), flush=True)
@@ -389,6 +406,7 @@ def command(cfg: audiotx.Config) -> int:
         outputs.finish(recs)
     elif cfg.format not in ("text", "json"):
         print(table_text(cfg.format, recs, model), end="")
+    failed = len(found) - len(recs)
     if failed and len(found) > 1:
         print(f"audiotx: {failed} of {len(found)} files could not be read (named above)",
               file=sys.stderr)
