@@ -316,7 +316,7 @@ def take_shard(found: list, spec: str) -> tuple:
 
 class Progress:
     """A line on stderr: files done, hours of audio, audio-hours per minute and the time left
-    (by the bytes still to read); rewritten in place on a terminal, else every 30 s."""
+    (by the bytes still to read); rewritten in place on a terminal, else a line every 30 s."""
 
     def __init__(self, found: list):
         self.sizes = [p.stat().st_size if p.is_file() else 0 for p, _ in found]
@@ -327,7 +327,7 @@ class Progress:
     def update(self, seconds: float):
         self.done, self.hours = self.done + 1, self.hours + seconds / 3600
         now, total = time.time(), len(self.sizes)
-        if total < 2 or not (self.tty or now - self.shown > 30 or self.done == total):
+        if total < 2 or not (self.tty or now - self.shown > 30):
             return
         spent = now - self.t0
         read = sum(self.sizes[:self.done])

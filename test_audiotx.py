@@ -1429,6 +1429,21 @@ def test_tables_per_recording_and_combined_and_a_rerun_skips_what_is_done(traine
     assert list(rows[0])[:4] == ["file", "start", "end", "detected at min-conf 0"] and len(rows[0]) == 4 + 3
 
 
+def test_the_progress_line_counts_files_hours_of_audio_speed_and_time_left(tmp_path, monkeypatch, capsys):
+    found = [(tmp_path / f"{k}.wav", str(k)) for k in range(4)]
+    for path, _ in found:
+        path.write_bytes(bytes(1000))
+    clock = iter([0.0, 60.0, 90.0])
+    monkeypatch.setattr(predict.time, "time", lambda: next(clock))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = predict.Progress(found)
+    progress.update(1800.0)  # half an hour of audio in the first minute, a quarter of the bytes read
+    progress.update(1800.0)
+    err = capsys.readouterr().err
+    assert err.split("\r")[1:] == ["files 1/4, 0.50 h of audio, 0.5 audio-h/min, 3:00 left",
+                                    "files 2/4, 1.00 h of audio, 0.7 audio-h/min, 1:30 left"]
+
+
 def test_predict_flags_that_cannot_work_are_one_line(tmp_path, capsys):
     for flags, culprit in [(["--format", "text", "--out", "x"], "--out writes files"), (["--plot"], "--plot"),
                            (["--shard", "3/2"], "--shard 3/2"), (["--min-conf", "1.5"], "--min-conf"),
