@@ -112,7 +112,10 @@ def wav_blocks(path, block_seconds: float = BLOCK_SECONDS):
     try:
         rate, mapped = scipy.io.wavfile.read(path, mmap=True)
     except ValueError as e:
-        if "mmap" not in str(e):
+        if "greater than file size" in str(e):
+            raise DecodeError(f"{path}: truncated (the data chunk is shorter than its header "
+                              "says)") from None
+        if "not compatible" not in str(e):  # the sample types scipy cannot map: 24-bit
             raise
         if shutil.which("ffmpeg"):
             yield from pipe_blocks(path, block_seconds)

@@ -1146,11 +1146,13 @@ def test_predict_walks_a_folder_and_names_a_bad_file_among_good_ones(trained, tm
     good = sorted((root / "audio").glob("*.wav"))[:2]
     (tmp_path / "in" / "a.wav").write_bytes(good[0].read_bytes())
     (tmp_path / "in" / "bad.wav").write_text("this is a text file")
+    (tmp_path / "in" / "cut.wav").write_bytes(good[0].read_bytes()[:5000])  # the header says more
     (tmp_path / "in" / "sub" / "c.WAV").write_bytes(good[1].read_bytes())
     code, lines, err = predict_cli([str(tmp_path / "in"), "--run", str(run)], capsys)
     assert code == 2 and [Path(line.split()[0]).name for line in lines] == ["a.wav", "c.WAV"]
-    assert err.count("\n") == 2 and "bad.wav" in err and "Traceback" not in err
-    assert err.splitlines()[-1] == "audiotx: 1 of 3 files could not be read (named above)"
+    assert err.count("\n") == 3 and "bad.wav" in err and "Traceback" not in err
+    assert f"{tmp_path / 'in' / 'cut.wav'}: truncated" in err
+    assert err.splitlines()[-1] == "audiotx: 2 of 4 files could not be read (named above)"
     (tmp_path / "empty").mkdir()
     code, lines, err = predict_cli([str(tmp_path / "empty"), "--run", str(run)], capsys)
     assert_one_line_error(code, err, f"no audio file in {tmp_path / 'empty'}")
