@@ -1,0 +1,77 @@
+"""
+Event rules on recordings of one fold's clips, read by a run whose fold models all held that fold
+out (its test fold): the shipped model's situation on fold 1 (an average of fold models that never
+heard the clips), on another fold, so that fold 1 chooses nothing.
+
+    python audiotx.py --arch cnn --test-fold 2 --kfold 4 --out DIR --name cnn-test2-k4
+    python results/experiments/long-recordings/events_dev_ensemble.py DIR/cnn-test2-k4 2
+
+Reads every recording once with --min-conf 0 (every window's probabilities), then scores the
+thresholds and window rules of events.py on them.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(HERE))
+import events  # noqa: E402
+from test_audiotx import REAL_DATA, field_recording, read_rows, score_events  # noqa: E402
+
+
+def read_recordings(run: str, fold: int, seeds: range) -> list:
+    """[(the record with every window, the truth)] of a recording per seed."""
+    rows = [r for r in read_rows(REAL_DATA / "meta" / "esc50.csv")
+            if r["esc10"] == "True" and int(r["fold"]) == fold]
+    by_class = {}
+    for r in rows:
+        by_class.setdefault(r["category"], []).append(r["filename"])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            names = [by_class[c][rng.integers(len(by_class[c]))]
+                     for c in rng.permutation(sorted(by_class))]
+            wav = Path(tmp) / f"field {seed}.wav"
+            truth = field_recording(wav, names, seed)
+            rec = subprocess.run([sys.executable, str(HERE / "audiotx.py"), "--predict", str(wav),
+                                  "--run", run, "--json", "--min-conf", "0"], capture_output=True,
+                                 text=True, check=True).stdout
+            out.append((json.loads(rec), truth))
+    return out
+
+
+def score(recs: list, threshold: float, edge: float) -> tuple:
+    """(clips found, the most gap events in one recording, gap events in all)."""
+    events.EDGE, hits, gaps = edge, 0, []
+    for rec, truth in recs:
+        classes, rate = list(rec["probs"]), 16000
+        starts = [round(w["start"] * rate) for w in rec["windows"]]
+        ends = [round(w["end"] * rate) for w in rec["windows"]]
+        probs = np.array([[w["probs"][c] for c in classes] for w in rec["windows"]])
+        found = events.find_events(starts, ends, probs, np.full(len(classes), threshold), classes,
+                                   rate)
+        h, g = score_events(found, truth, rec["settings"]["hop_seconds"])
+        hits, gaps = hits + h, gaps + [g]
+    return hits, max(gaps), sum(gaps)
+
+
+def main():
+    run, fold = sys.argv[1], int(sys.argv[2])
+    recs = read_recordings(run, fold, range(10))
+    n = sum(len(t) for _, t in recs)
+    print(f"{len(recs)} recordings of fold {fold} clips, {n} clips, read by {run}")
+    for edge in (0.0, 0.9):
+        for threshold in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55):
+            hits, most, total = score(recs, threshold, edge)
+            print(f"edge {edge:.1f} min-conf {threshold:.2f}: {hits}/{n} = {hits / n:.3f}, gap "
+                  f"events {total} (at most {most} in a recording)")
+
+
+if __name__ == "__main__":
+    main()
