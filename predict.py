@@ -18,8 +18,10 @@ it), and the combined table. audiotx.py's main imports this module for --predict
 
 import dataclasses
 import json
+import queue
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +137,40 @@ def unreadable(path, e: Exception) -> str:
     return f"{path}: not a readable audio file ({str(e).splitlines()[0]})"
 
 
+def read_ahead(items, depth: int = 2):
+    """items, made in a thread of their own up to depth ahead of their use: the next blocks are
+    read, mixed and resampled while the models work on the windows before them."""
+    ready, stop, done = queue.Queue(depth), threading.Event(), object()
+
+    def offer(item) -> bool:
+        """Put item in the queue once there is room; False once the reader has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def make():
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as e:  # raised again where the items are used
+            offer((done, e))
+
+    threading.Thread(target=make, daemon=True).start()
+    try:
+        while (got := ready.get())[0] is not done:
+            yield got[0]
+        if got[1] is not None:
+            raise got[1]
+    finally:
+        stop.set()
+
+
 def classify(path: Path, model: Model, plot: bool) -> dict:
     """One recording -> {seconds, its sample rate, starts and ends of its windows (samples),
     probs (W, K), mel (the timeline's spectrogram, with plot)}."""
@@ -142,7 +178,7 @@ def classify(path: Path, model: Model, plot: bool) -> dict:
 
     def samples():
         nonlocal total, file_rate
-        for file_rate, block in model_rate_blocks(path, model.rate):
+        for file_rate, block in read_ahead(model_rate_blocks(path, model.rate)):
             total += len(block)
             if mel is not None:
                 mel.push(block / SCALE)

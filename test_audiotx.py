@@ -1431,6 +1431,26 @@ def test_tables_per_recording_and_combined_and_a_rerun_skips_what_is_done(traine
     assert list(rows[0])[:4] == ["file", "start", "end", "detected at min-conf 0"] and len(rows[0]) == 4 + 3
 
 
+def test_blocks_read_ahead_arrive_in_order_raise_where_used_and_stop_with_their_reader():
+    assert list(predict.read_ahead(iter(range(100)))) == list(range(100))
+
+    def broken():
+        yield 1
+        raise ValueError("a bad block")
+    got = predict.read_ahead(broken())
+    assert next(got) == 1
+    with pytest.raises(ValueError, match="a bad block"):
+        next(got)
+    threads = threading.active_count()
+    endless = predict.read_ahead(iter(range(10 ** 9)))
+    assert next(endless) == 0 and threading.active_count() == threads + 1
+    endless.close()  # the reader stops early: the thread making them stops too
+    deadline = time.time() + 5
+    while threading.active_count() > threads and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+
+
 def test_the_progress_line_counts_files_hours_of_audio_speed_and_time_left(tmp_path, monkeypatch, capsys):
     found = [(tmp_path / f"{k}.wav", str(k)) for k in range(4)]
     for path, _ in found:
