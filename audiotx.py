@@ -268,9 +268,9 @@ def run_name(cfg: Config) -> str:
 # ----------------------------------------------------------------------------------------
 
 def write_text(path: Path, text: str):
-    """Under torchrun only rank 0 writes files (here and in save_atomic)."""
+    """UTF-8 whatever the locale; under torchrun only rank 0 writes files (and in save_atomic)."""
     if WORKER.main:
-        replace_with(path, lambda tmp: tmp.write_text(text))
+        replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj):

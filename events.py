@@ -65,7 +65,7 @@ def strongest(starts, ends, top, p) -> np.ndarray:
 
 
 def find_events(starts, ends, probs: np.ndarray, thresholds: np.ndarray, classes: list,
-                rate: int, suppress: bool = True) -> list:
+                rate: int, edge: float = EDGE) -> list:
     """Windows (their starts and ends in samples, probabilities (W, K)) -> events, each
     {start, end (s), label, max, mean (the class's probability over its windows)}.
 
@@ -75,17 +75,16 @@ def find_events(starts, ends, probs: np.ndarray, thresholds: np.ndarray, classes
     each window stands for its middle stretch, one hop long."""
     top, p = probs.argmax(1), probs.max(1)
     hit = p >= thresholds[top]  # (W,) detections
-    if suppress:
-        hit &= strongest(starts, ends, top, np.where(hit, p, -1.0))
+    hit &= strongest(starts, ends, top, np.where(hit, p, -1.0))
     events, first = [], None
     for w in range(len(top)):
         if hit[w] and first is None:
             first = w
         if first is not None and (w + 1 == len(top) or not hit[w + 1] or top[w + 1] != top[w]):
             a, b = first, w
-            while a < b and p[a] < EDGE * p[a + 1]:
+            while a < b and p[a] < edge * p[a + 1]:
                 a += 1
-            while b > a and p[b] < EDGE * p[b - 1]:
+            while b > a and p[b] < edge * p[b - 1]:
                 b -= 1
             c, span = int(top[a]), probs[a:b + 1, top[a]]
             start, end = starts[a], ends[b]

@@ -264,7 +264,7 @@ def read_layout(path: Path, subset: str = "esc10", dataset: str = "auto") -> tup
     UrbanSound8K by its metadata table; a folder with label tracks beside its recordings by them;
     another folder is a folder of class folders. A .txt file is one label track."""
     if path.is_file() and path.suffix.lower() == ".txt":
-        audio = [p for p in path.parent.glob(glob.escape(path.stem) + ".*") if is_audio(p)]
+        audio = sorted(p for p in path.parent.glob(glob.escape(path.stem) + ".*") if is_audio(p))
         if not audio:
             raise LayoutError(f"{path}: a label track, but no recording of the same name beside it")
         return path.parent, label_track_rows(path.parent, [(audio[0], path)]), "label track"

@@ -161,8 +161,9 @@ def svg_timeline(mel: np.ndarray, seconds: float, window_starts, probs, classes:
     left, top, spec_h, row_h = 110, 30, 140, 14
     rows = np.zeros((len(classes), w))  # each class's probability at each pixel column
     x_of = lambda t: left + t / max(seconds, 1e-9) * w  # noqa: E731
-    for s, p in zip(window_starts, probs):  # a later window overwrites its overlap: the newest
-        rows[:, int(x_of(s) - left):] = np.asarray(p)[:, None]
+    cols = [int(x_of(s) - left) for s in window_starts] + [w]
+    for a, b, p in zip(cols, cols[1:], probs):  # a pixel shows the last window begun by it
+        rows[:, a:b] = np.asarray(p)[:, None]
     spec = base64.b64encode(png(heat_colors(mel))).decode()
     heat = base64.b64encode(png(heat_colors(rows))).decode()
     body_h = spec_h + 4 + row_h * len(classes)

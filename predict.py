@@ -32,9 +32,10 @@ import torch
 
 import decode
 import events
-from audiotx import UserError, load_fold_models, predict, resolve_precision, to_mono_float
+from audiotx import (UserError, load_fold_models, predict, resolve_precision, to_mono_float,
+                     write_text)
 from clips import SCALE, Clips, stream_windows, to_int16
-from files import csv_text, read_csv, replace_with, shown_path
+from files import csv_text, read_csv, shown_path
 from layouts import AUDIO_SUFFIXES, is_audio
 from plot import MelColumns, svg_timeline
 
@@ -273,8 +274,8 @@ def timeline_svg(rec: dict, found: dict, model: Model) -> str:
 
 
 def write(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)  # a folder's recordings keep their subfolders
+    write_text(path, text)
 
 
 class Outputs:

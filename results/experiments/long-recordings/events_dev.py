@@ -13,25 +13,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(HERE))
-from test_audiotx import REAL_DATA, field_recording, read_rows, score_events  # noqa: E402
+from test_audiotx import field_recording, one_clip_a_class, score_events  # noqa: E402
 
 MODEL = HERE / "models" / "esc10-cnn-test1-k4"
 
 
-def one_recording(tmp, run, rows, fold, seed, hits, clips, gaps):
+def one_recording(tmp, run, fold, seed, hits, clips, gaps):
     """One recording of ten clips of the fold, one of each class, scored; the running totals."""
-    rng = np.random.default_rng(100 * fold + seed)
-    by_class = {}
-    for r in rows:
-        if int(r["fold"]) == fold:
-            by_class.setdefault(r["category"], []).append(r["filename"])
-    names = [by_class[c][rng.integers(len(by_class[c]))] for c in rng.permutation(sorted(by_class))]
     wav = tmp / f"f{fold}s{seed}.wav"
-    truth = field_recording(wav, names, seed=100 * fold + seed)
+    truth = field_recording(wav, one_clip_a_class(fold, 100 * fold + seed), seed=100 * fold + seed)
     flags = [a for a in sys.argv[1:] if a != "-v"]
     out = subprocess.run([sys.executable, str(HERE / "audiotx.py"), "--predict", str(wav), "--run",
                           str(run), "--json", *flags], capture_output=True, text=True, check=True)
@@ -46,7 +38,6 @@ def one_recording(tmp, run, rows, fold, seed, hits, clips, gaps):
 
 
 def main():
-    rows = [r for r in read_rows(REAL_DATA / "meta" / "esc50.csv") if r["esc10"] == "True"]
     hits = clips = gaps = 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -57,7 +48,7 @@ def main():
                 shutil.copy(MODEL / f, run / f)
             shutil.copy(MODEL / f"fold{fold - 1}" / "model.pt", run / "fold1" / "model.pt")
             for seed in range(3):
-                hits, clips, gaps = one_recording(tmp, run, rows, fold, seed, hits, clips, gaps)
+                hits, clips, gaps = one_recording(tmp, run, fold, seed, hits, clips, gaps)
     print(f"all: {hits}/{clips} = {hits / clips:.3f} clips as events; {gaps} gap events over "
           f"{4 * 3} recordings")
 
