@@ -1612,6 +1612,24 @@ def test_the_api_answers_what_predict_json_prints_and_refuses_what_it_cannot_use
     assert answers == [200] * 8 and list(uploads.iterdir()) == []  # all answered; no upload kept
 
 
+@pytest.mark.slow
+def test_serve_py_prints_its_address_serves_and_warns_off_loopback(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for host, warned in [("127.0.0.1", False), ("0.0.0.0", True)]:
+        proc = subprocess.Popen([sys.executable, str(HERE / "serve.py"), "--host", host, "--port", "0", "--runs",
+                                 str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith(f"audiotx: serving http://{host}:"), line
+            port = int(line.split(":")[-1].split("/")[0])
+            status, models = api(f"http://127.0.0.1:{port}/api/models")
+            assert status == 200 and [m["id"] for m in models] == ["shipped"]
+        finally:
+            proc.terminate()
+            err = proc.communicate(timeout=30)[1]
+        assert ("warning: listening on 0.0.0.0" in err) == warned, err
+
+
 def webdriver(base: str, method: str, path: str, body=None):
     """One W3C WebDriver command to chromedriver: its value."""
     data = None if body is None else json.dumps(body).encode()
