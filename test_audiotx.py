@@ -2382,6 +2382,33 @@ def test_openmp_spin_is_set_before_torch_loads_and_the_users_value_wins():
     assert out.stdout.strip() == "at torch import: 7", out.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.slow
+def test_freed_activations_stay_in_the_heap_unless_the_user_set_the_allocator():
+    """Training steps touch fresh pages (minor page faults) when glibc gives freed activations back
+    to the kernel each step; once the processes start, the blocks stay. A MALLOC_ variable of the
+    user's leaves glibc's own behaviour: many times the faults."""
+    probe = ("import resource, torch, processes\n"
+             "processes.start_processes('cpu')\n"
+             "torch.set_num_threads(1)\n"
+             "conv = torch.nn.Sequential(torch.nn.Conv1d(1, 32, 64, 16), torch.nn.ReLU(),\n"
+             "                           torch.nn.Conv1d(32, 64, 3))  # activations of two sizes\n"
+             "wave = torch.randn(32, 1, 80000)\n"
+             "conv(wave).sum().backward()\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "for _ in range(5):\n"
+             "    conv(wave).sum().backward()\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = []
+    for extra in ({}, {"MALLOC_ARENA_MAX": "8"}):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env={**env, **extra},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        faults.append(int(out.stdout))
+    assert faults[0] * 10 < faults[1], faults
+
+
 @pytest.mark.slow
 def test_device_flag(quick, capsys):
     root, flags = quick
