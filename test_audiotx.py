@@ -1534,8 +1534,9 @@ def test_the_shipped_model_finds_fold_1_clips_in_field_recordings_as_events(tmp_
     """Three 48 kHz stereo recordings of ten fold-1 clips each (one of every class, drawn with fixed seeds; the
     shipped model never trained on fold 1), 3-8 s of quiet noise between them, with the defaults: how many clips
     come back as an event of their class within a hop of their start and end, and how many events fall in the
-    gaps. The issue's target, 70% with at most one gap event a recording, is not reached (NOTES): this holds
-    the measured level, 17 of 30 with at most 2, so that a change can only move it up."""
+    gaps. Of the issue's target, 70% with at most one gap event a recording, the 70% is reached and the gaps
+    are not (NOTES): this holds the measured level, 22 of 30 with at most 2, so that a change can only move it
+    up."""
     hits, most_gaps = 0, 0
     for seed in range(3):
         truth = field_recording(tmp_path / f"field {seed}.wav", one_clip_a_class(1, seed), seed)
@@ -1544,7 +1545,7 @@ def test_the_shipped_model_finds_fold_1_clips_in_field_recordings_as_events(tmp_
         rec = json.loads(lines[0])
         found, gaps = score_events(rec["events"], truth, rec["settings"]["hop_seconds"])
         hits, most_gaps = hits + found, max(most_gaps, gaps)
-    assert hits >= 17 and most_gaps <= 2, (hits, most_gaps)
+    assert hits >= 22 and most_gaps <= 2, (hits, most_gaps)
 
 
 # ---- the page and its API (serve.py) ----
