@@ -98,8 +98,7 @@ class Config:
     dataset: str = flag("auto", "the folder's layout", choices=["auto", "esc", "urbansound8k"])
     subset: str = flag("esc10", "which rows of meta/esc50.csv", choices=["esc10", "esc50"])
     sample_rate: int = flag(16000, "Hz after resampling")
-    features: str = flag("logwave", "the stem's output as it is, or log-compressed",
-                         choices=["wave", "logwave"])
+    features: str = flag("logwave", "the stem's output, or its log", choices=["wave", "logwave"])
     clip_seconds: float = flag(5.0, "clips are padded or cropped to this length")
     # splits
     test_fold: int = flag(1, "official fold held out as the test set; 0 = none")
@@ -146,6 +145,7 @@ class Config:
     hop: float = flag(0.0, "--predict: seconds between windows; 0 = half the model's window")
     min_conf: float | str = flag(0.5, "an event's least probability, or auto", parse=float_or_auto)
     precision_target: float = flag(0.9, "--min-conf auto: each class's validation precision")
+    min_db: float = flag(-50.0, "--predict: a window never louder (dBFS, 100 ms) holds no event")
     plot: bool = flag(False, "--predict: an SVG timeline of each recording in --out")
     shard: str = flag("", "--predict: i/n takes every n-th file from the i-th")
 
@@ -159,7 +159,7 @@ class Config:
 REPORTING_FIELDS = {"data", "dataset", "device", "out", "name", "restart", "wandb", "project",
                     "entity", "debug", "threads", "report", "hparams", "bench", "tune", "lr_find",
                     "predict", "run", "format", "hop", "min_conf", "precision_target", "plot",
-                    "shard"}
+                    "shard", "min_db"}
 
 
 class OneLineParser(argparse.ArgumentParser):

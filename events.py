@@ -3,10 +3,10 @@ What sounds when in a long recording: per-class thresholds chosen on a run's out
 validation predictions, windows merged into events, and the tables sound people open (an Audacity
 label track, a Raven selection table, a csv of windows).
 
-A window is a detection when its top class reaches that class's threshold; a window below it is
-no detection, so quiet stretches and sounds of no known class get no forced answer. Consecutive
-detections of one class merge into one event, from the first window's start to the last one's
-end. Times come from sample indices, rounded to milliseconds, so they never drift.
+A window is a detection when its top class reaches that class's threshold and it holds a sound
+louder than the quiet (--min-db); a window below either is no detection, so quiet stretches and
+sounds of no known class get no forced answer. Consecutive detections of one class merge into one
+event. Times come from sample indices, rounded to milliseconds, so they never drift.
 
 A leaf: it imports nothing of audiotx's; predict.py feeds it. Not run on its own.
 """
@@ -16,6 +16,10 @@ import numpy as np
 # a window at a run's end under this share of its inner neighbour's probability holds less of
 # the sound than it does, and is left out of the event (a development check, NOTES)
 EDGE = 0.9
+FRAME_SECONDS = 0.1  # the stretch a level is measured over: a bark or a tick fills one
+# a window whose audible frames all lie in this share of it at one end leaves them to the window
+# beyond that end, which holds them nearer its middle (a development check, NOTES)
+EDGE_SHARE = 0.3
 RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
                  "High Freq (Hz)", "Class", "Confidence", "Begin File", "File Offset (s)",
                  "Threshold"]
@@ -48,6 +52,45 @@ def class_thresholds(labels: np.ndarray, probs: np.ndarray, target: float) -> np
                      for c in range(probs.shape[1])])
 
 
+# ---- levels: where a recording is louder than the quiet ----
+
+def decibels(frames: np.ndarray) -> np.ndarray:
+    """(F, n) samples in [-1, 1] -> (F,) each frame's level in dBFS; digital silence is -100."""
+    return 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-10)
+
+
+class Levels:
+    """The level of every 100 ms frame of a recording (dBFS), fed a block of 16-bit samples at a
+    time; the frames lie on one grid from the recording's first sample."""
+
+    def __init__(self, rate: int):
+        self.n, self.rest, self.parts = round(rate * FRAME_SECONDS), np.zeros(0), []
+
+    def push(self, block: np.ndarray):
+        x = np.concatenate([self.rest, block / 32768.0])
+        k = len(x) // self.n
+        self.parts.append(decibels(x[:k * self.n].reshape(k, self.n)))
+        self.rest = x[k * self.n:]
+
+    def db(self) -> np.ndarray:
+        """(F,) the levels, the last frame the part of one that the recording fills."""
+        return np.concatenate(self.parts + ([decibels(self.rest[None])] if len(self.rest) else []))
+
+
+def heard(starts, ends, audible: np.ndarray, frame: int, share: float = EDGE_SHARE) -> np.ndarray:
+    """(W,) whether each window holds a sound above the quiet (audible, (F,) per frame of frame
+    samples) away from its ends: a window that holds only the edge of a sound, its onset at the
+    window's end or its tail at the start, tends to name it wrongly."""
+    keep = np.zeros(len(starts), bool)
+    for w, (s, e) in enumerate(zip(starts, ends)):
+        a, b = s // frame, -(-e // frame)
+        loud = np.flatnonzero(audible[a:b])
+        edge = round(share * (b - a))
+        keep[w] = len(loud) > 0 and not ((w > 0 and loud[-1] < edge) or
+                                         (w + 1 < len(starts) and loud[0] >= b - a - edge))
+    return keep
+
+
 # ---- events ----
 
 def strongest(starts, ends, top, p) -> np.ndarray:
@@ -64,18 +107,28 @@ def strongest(starts, ends, top, p) -> np.ndarray:
     return keep
 
 
-def find_events(starts, ends, probs: np.ndarray, thresholds: np.ndarray, classes: list,
-                rate: int, edge: float = EDGE) -> list:
-    """Windows (their starts and ends in samples, probabilities (W, K)) -> events, each
-    {start, end (s), label, max, mean (the class's probability over its windows)}.
+def detections(starts, ends, probs: np.ndarray, thresholds: np.ndarray, audible: np.ndarray,
+               rate: int) -> np.ndarray:
+    """(W,) whether each window (starts and ends in samples, probabilities (W, K)) is a
+    detection: its top class reaches its threshold, it holds a sound away from its ends (heard),
+    and no overlapping window names another class more surely (strongest)."""
+    top, p = probs.argmax(1), probs.max(1)
+    hit = (p >= thresholds[top]) & heard(starts, ends, audible, round(rate * FRAME_SECONDS))
+    return hit & strongest(starts, ends, top, np.where(hit, p, -1.0))
+
+
+def find_events(starts, ends, probs: np.ndarray, hit: np.ndarray, classes: list, rate: int,
+                audible: np.ndarray, edge: float = EDGE) -> list:
+    """Windows (starts and ends in samples, probabilities (W, K), detections (W,)) -> events,
+    each {start, end (s), label, max, mean (the class's probability over its windows)}.
 
     A lone window's event is the window. A run of windows loses its end windows while they are
     less sure than their inner neighbour (EDGE), and overlaps the windows beyond by their shared
     part, where the sound most likely is not: each end gives half of that overlap away, so that
-    each window stands for its middle stretch, one hop long."""
-    top, p = probs.argmax(1), probs.max(1)
-    hit = p >= thresholds[top]  # (W,) detections
-    hit &= strongest(starts, ends, top, np.where(hit, p, -1.0))
+    each window stands for its middle stretch, one hop long. An event starts at its first
+    audible frame: before it, its first window held only the quiet ahead of the sound. Its end
+    stays: a sound's tail fades under the quiet rather than stopping (NOTES)."""
+    top, p, frame = probs.argmax(1), probs.max(1), round(rate * FRAME_SECONDS)
     events, first = [], None
     for w in range(len(top)):
         if hit[w] and first is None:
@@ -91,6 +144,8 @@ def find_events(starts, ends, probs: np.ndarray, thresholds: np.ndarray, classes
             if b > a:  # half the overlap with a neighbour window, where there is one
                 start += max(0, ends[a - 1] - start) // 2 if a > 0 else 0
                 end -= max(0, end - starts[b + 1]) // 2 if b + 1 < len(top) else 0
+            loud = np.flatnonzero(audible[start // frame:-(-end // frame)])
+            start = max(start, (start // frame + loud[0]) * frame) if len(loud) else start
             events.append({"start": seconds(start, rate), "end": seconds(end, rate),
                            "label": classes[c], "max": round(float(span.max()), 4),
                            "mean": round(float(span.mean()), 4)})
@@ -120,11 +175,10 @@ def raven_rows(events: list, file: str, sample_rate: int, thresholds: dict, firs
             for i, e in enumerate(events)]
 
 
-def window_rows(file: str, starts, ends, probs: np.ndarray, thresholds: np.ndarray,
-                classes: list, rate: int) -> list:
+def window_rows(file: str, starts, ends, probs: np.ndarray, hit: np.ndarray, classes: list,
+                rate: int) -> list:
     """Rows of the csv of windows: file, start, end, the class detected ("" for none), and a
     probability per class."""
     top = probs.argmax(1)
-    return [[file, seconds(s, rate), seconds(e, rate),
-             classes[c] if p[c] >= thresholds[c] else "", *(f"{v:.4f}" for v in p)]
-            for s, e, c, p in zip(starts, ends, top, probs)]
+    return [[file, seconds(s, rate), seconds(e, rate), classes[c] if h else "",
+             *(f"{v:.4f}" for v in p)] for s, e, c, h, p in zip(starts, ends, top, hit, probs)]

@@ -3,7 +3,8 @@ What sounds when in recordings of any length, with a trained run's fold models (
 by default). A recording is read a block at a time, resampled as training resampled it, and cut
 into windows of the model's length every --hop seconds; each window goes through every fold
 model and the probabilities are averaged. Windows whose top class reaches --min-conf (auto: a
-threshold per class, chosen on the run's out-of-fold validation predictions) become events.
+threshold per class, chosen on the run's out-of-fold validation predictions) and that hold a sound
+louder than --min-db become events.
 
     python audiotx.py --predict my_recording.wav recordings/        # the shipped model
     python audiotx.py --predict field/ --format raven --out detections/ --plot
@@ -58,6 +59,7 @@ class Model:
     n: int           # samples in a window
     hop: int         # samples between window starts
     thresholds: np.ndarray  # (K,) a window's top class at its threshold is a detection
+    min_db: float    # frames under this level (dBFS) are quiet: a window of them is no detection
     settings: dict   # what chose the detections, stated in every output
 
     def probs(self, windows: list) -> torch.Tensor:
@@ -101,13 +103,16 @@ def load_model(cfg: audiotx.Config) -> Model:
         thresholds, how = np.full(len(classes), cfg.min_conf), f"{cfg.min_conf:g}"
     shown = "the shipped model" if run_dir == SHIPPED_MODEL else shown_path(run_dir)
     settings = {"model": shown, "hop_seconds": round(hop / rate, 3), "min_conf": how,
+                "min_db": cfg.min_db,
                 "thresholds": {c: round(float(t), 4) for c, t in zip(classes, thresholds)}}
-    return Model(run_dir, classes, models, precision, rate, n, hop, thresholds, settings)
+    return Model(run_dir, classes, models, precision, rate, n, hop, thresholds, cfg.min_db,
+                 settings)
 
 
 def settings_line(model: Model) -> str:
     s = model.settings
-    return f"audiotx: {s['model']}, hop {s['hop_seconds']:g} s, min-conf {s['min_conf']}"
+    return (f"audiotx: {s['model']}, hop {s['hop_seconds']:g} s, min-conf {s['min_conf']}, "
+            f"min-db {s['min_db']:g}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,13 +179,16 @@ def read_ahead(items, depth: int = 2):
 
 def classify(path: Path, model: Model, plot: bool) -> dict:
     """One recording -> {seconds, its sample rate, starts and ends of its windows (samples),
-    probs (W, K), mel (the timeline's spectrogram, with plot)}."""
+    probs (W, K), db (F,) the level of each 100 ms, mel (the timeline's spectrogram, with
+    plot)}."""
     mel, total, file_rate = MelColumns(model.rate) if plot else None, 0, 0
+    levels = events.Levels(model.rate)
 
     def samples():
         nonlocal total, file_rate
         for file_rate, block in read_ahead(model_rate_blocks(path, model.rate)):
             total += len(block)
+            levels.push(block)
             if mel is not None:
                 mel.push(block / SCALE)
             yield block
@@ -196,7 +204,7 @@ def classify(path: Path, model: Model, plot: bool) -> dict:
         probs.append(model.probs(batch))
     return {"seconds": total / model.rate, "file_rate": int(file_rate), "starts": starts,
             "ends": [min(s + model.n, total) for s in starts],
-            "probs": torch.cat(probs).double().numpy(), "mel": mel}
+            "probs": torch.cat(probs).double().numpy(), "db": levels.db(), "mel": mel}
 
 
 def record(name: str, path: Path, found: dict, model: Model) -> dict:
@@ -204,15 +212,16 @@ def record(name: str, path: Path, found: dict, model: Model) -> dict:
     windows and its events, and the settings that chose them."""
     probs, rate, classes = found["probs"], model.rate, model.classes
     named = lambda p: {c: round(float(v), 6) for c, v in zip(classes, p)}  # noqa: E731
-    mean = probs.mean(0)
+    mean, audible = probs.mean(0), found["db"] >= model.min_db
+    hit = events.detections(found["starts"], found["ends"], probs, model.thresholds, audible, rate)
     return {"file": str(path), "name": name, "seconds": round(found["seconds"], 3),
             "sample_rate": found["file_rate"],
             "pred": classes[int(mean.argmax())], "probs": named(mean),
             "windows": [{"start": events.seconds(s, rate), "end": events.seconds(e, rate),
-                         "pred": classes[int(p.argmax())], "probs": named(p)}
-                        for s, e, p in zip(found["starts"], found["ends"], probs)],
-            "events": events.find_events(found["starts"], found["ends"], probs, model.thresholds,
-                                         classes, rate),
+                         "pred": classes[int(p.argmax())], "detected": bool(h), "probs": named(p)}
+                        for s, e, p, h in zip(found["starts"], found["ends"], probs, hit)],
+            "events": events.find_events(found["starts"], found["ends"], probs, hit, classes, rate,
+                                         audible),
             "settings": model.settings}
 
 
@@ -221,11 +230,12 @@ def record(name: str, path: Path, found: dict, model: Model) -> dict:
 # ----------------------------------------------------------------------------------------
 
 def window_table(rec: dict, model: Model) -> tuple:
-    """The record's windows as (starts, ends) in samples and probabilities (W, K)."""
+    """The record's windows as (starts, ends) in samples, probabilities (W, K), detections (W,)."""
     w = rec["windows"]
     starts = [round(x["start"] * model.rate) for x in w]
     ends = [round(x["end"] * model.rate) for x in w]
-    return starts, ends, np.array([[x["probs"][c] for c in model.classes] for x in w])
+    return (starts, ends, np.array([[x["probs"][c] for c in model.classes] for x in w]),
+            np.array([x["detected"] for x in w]))
 
 
 def text_lines(rec: dict, model: Model, width: int) -> list:
@@ -259,9 +269,9 @@ def table_text(fmt: str, recs: list, model: Model) -> str:
         return "\n".join("\t".join(map(str, r)) for r in [events.RAVEN_COLUMNS] + out) + "\n"
     if fmt == "csv":
         for rec in recs:
-            out += events.window_rows(rec["file"], *window_table(rec, model), model.thresholds,
-                                      classes, model.rate)
-        detected = f"detected at min-conf {model.settings['min_conf']}"  # the settings, stated
+            out += events.window_rows(rec["file"], *window_table(rec, model), classes, model.rate)
+        s = model.settings  # the settings, stated
+        detected = f"detected at min-conf {s['min_conf']}, min-db {s['min_db']:g}"
         return csv_text(["file", "start", "end", detected, *(f"p_{c}" for c in classes)], out)
     return "".join(json.dumps(rec) + "\n" for rec in recs)  # json: a line per recording
 
@@ -380,8 +390,9 @@ class Progress:
 
 
 def check_flags(cfg: audiotx.Config):
-    if cfg.hop < 0 or not 0 < cfg.precision_target <= 1:
-        raise UserError("--hop must be >= 0 and --precision-target in (0, 1]")
+    if cfg.hop < 0 or not 0 < cfg.precision_target <= 1 or cfg.min_db > 0:
+        raise UserError("--hop must be >= 0, --precision-target in (0, 1] and --min-db (dBFS) "
+                        "at most 0")
     if cfg.min_conf != "auto" and not 0 <= cfg.min_conf <= 1:
         raise UserError(f"--min-conf must be a probability in [0, 1] or auto, got {cfg.min_conf}")
     if cfg.out and cfg.format == "text":

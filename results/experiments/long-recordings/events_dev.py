@@ -37,16 +37,23 @@ def one_recording(tmp, run, fold, seed, hits, clips, gaps):
     return hits + h, clips + len(truth), gaps + g
 
 
+def fold_run(tmp: Path, fold: int) -> Path:
+    """A run folder in tmp holding the one fold model of MODEL that validated on this official
+    fold alone, as its only fold model."""
+    run = tmp / f"run{fold}"
+    (run / "fold1").mkdir(parents=True)
+    for f in ("config.json", "predictions.csv"):
+        shutil.copy(MODEL / f, run / f)
+    shutil.copy(MODEL / f"fold{fold - 1}" / "model.pt", run / "fold1" / "model.pt")
+    return run
+
+
 def main():
     hits = clips = gaps = 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for fold in (2, 3, 4, 5):
-            run = tmp / f"run{fold}"  # the fold model that validated on this official fold alone
-            (run / "fold1").mkdir(parents=True)
-            for f in ("config.json", "predictions.csv"):
-                shutil.copy(MODEL / f, run / f)
-            shutil.copy(MODEL / f"fold{fold - 1}" / "model.pt", run / "fold1" / "model.pt")
+            run = fold_run(tmp, fold)
             for seed in range(3):
                 hits, clips, gaps = one_recording(tmp, run, fold, seed, hits, clips, gaps)
     print(f"all: {hits}/{clips} = {hits / clips:.3f} clips as events; {gaps} gap events over "

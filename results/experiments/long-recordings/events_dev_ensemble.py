@@ -21,11 +21,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(HERE))
 import events  # noqa: E402
+import predict  # noqa: E402
 from test_audiotx import field_recording, one_clip_a_class, score_events  # noqa: E402
 
 
 def read_recordings(run: str, fold: int, seeds: range) -> list:
-    """[(the record with every window, the truth)] of a recording per seed."""
+    """[(the record with every window, its 100 ms levels (dBFS), the truth)] of a recording per
+    seed."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -34,20 +36,25 @@ def read_recordings(run: str, fold: int, seeds: range) -> list:
             rec = subprocess.run([sys.executable, str(HERE / "audiotx.py"), "--predict", str(wav),
                                   "--run", run, "--json", "--min-conf", "0"], capture_output=True,
                                  text=True, check=True).stdout
-            out.append((json.loads(rec), truth))
+            levels = events.Levels(16000)
+            for _, block in predict.model_rate_blocks(wav, 16000):  # as --predict reads it
+                levels.push(block)
+            out.append((json.loads(rec), levels.db(), truth))
     return out
 
 
-def score(recs: list, threshold: float, edge: float) -> tuple:
+def score(recs: list, threshold: float, edge: float, min_db: float) -> tuple:
     """(clips found, the most gap events in one recording, gap events in all)."""
     hits, gaps = 0, []
-    for rec, truth in recs:
+    for rec, db, truth in recs:
         classes, rate = list(rec["probs"]), 16000
         starts = [round(w["start"] * rate) for w in rec["windows"]]
         ends = [round(w["end"] * rate) for w in rec["windows"]]
         probs = np.array([[w["probs"][c] for c in classes] for w in rec["windows"]])
-        found = events.find_events(starts, ends, probs, np.full(len(classes), threshold), classes,
-                                   rate, edge=edge)
+        audible = db >= min_db
+        hit = events.detections(starts, ends, probs, np.full(len(classes), threshold), audible,
+                                rate)
+        found = events.find_events(starts, ends, probs, hit, classes, rate, audible, edge=edge)
         h, g = score_events(found, truth, rec["settings"]["hop_seconds"])
         hits, gaps = hits + h, gaps + [g]
     return hits, max(gaps), sum(gaps)
@@ -56,13 +63,14 @@ def score(recs: list, threshold: float, edge: float) -> tuple:
 def main():
     run, fold = sys.argv[1], int(sys.argv[2])
     recs = read_recordings(run, fold, range(10))
-    n = sum(len(t) for _, t in recs)
+    n = sum(len(t) for _, _, t in recs)
     print(f"{len(recs)} recordings of fold {fold} clips, {n} clips, read by {run}")
-    for edge in (0.0, 0.9):
-        for threshold in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55):
-            hits, most, total = score(recs, threshold, edge)
-            print(f"edge {edge:.1f} min-conf {threshold:.2f}: {hits}/{n} = {hits / n:.3f}, gap "
-                  f"events {total} (at most {most} in a recording)")
+    for min_db in (-np.inf, -50):  # -inf: every frame audible, the rules before --min-db
+        for edge in (0.0, 0.9):
+            for threshold in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55):
+                hits, most, total = score(recs, threshold, edge, min_db)
+                print(f"min-db {min_db} edge {edge:.1f} min-conf {threshold:.2f}: {hits}/{n} = "
+                      f"{hits / n:.3f}, gap events {total} (at most {most} in a recording)")
 
 
 if __name__ == "__main__":
