@@ -54,6 +54,11 @@ def class_thresholds(labels: np.ndarray, probs: np.ndarray, target: float) -> np
 
 # ---- levels: where a recording is louder than the quiet ----
 
+def frame_length(rate: int) -> int:
+    """Samples in one frame of FRAME_SECONDS at rate."""
+    return round(rate * FRAME_SECONDS)
+
+
 def decibels(frames: np.ndarray) -> np.ndarray:
     """(F, n) samples in [-1, 1] -> (F,) each frame's level in dBFS; digital silence is -100."""
     return 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-10)
@@ -64,7 +69,7 @@ class Levels:
     time; the frames lie on one grid from the recording's first sample."""
 
     def __init__(self, rate: int):
-        self.n, self.rest, self.parts = round(rate * FRAME_SECONDS), np.zeros(0), []
+        self.n, self.rest, self.parts = frame_length(rate), np.zeros(0), []
 
     def push(self, block: np.ndarray):
         x = np.concatenate([self.rest, block / 32768.0])
@@ -108,12 +113,12 @@ def strongest(starts, ends, top, p) -> np.ndarray:
 
 
 def detections(starts, ends, probs: np.ndarray, thresholds: np.ndarray, audible: np.ndarray,
-               rate: int) -> np.ndarray:
+               rate: int, share: float = EDGE_SHARE) -> np.ndarray:
     """(W,) whether each window (starts and ends in samples, probabilities (W, K)) is a
     detection: its top class reaches its threshold, it holds a sound away from its ends (heard),
     and no overlapping window names another class more surely (strongest)."""
     top, p = probs.argmax(1), probs.max(1)
-    hit = (p >= thresholds[top]) & heard(starts, ends, audible, round(rate * FRAME_SECONDS))
+    hit = (p >= thresholds[top]) & heard(starts, ends, audible, frame_length(rate), share)
     return hit & strongest(starts, ends, top, np.where(hit, p, -1.0))
 
 
@@ -128,7 +133,7 @@ def find_events(starts, ends, probs: np.ndarray, hit: np.ndarray, classes: list,
     each window stands for its middle stretch, one hop long. An event starts at its first
     audible frame: before it, its first window held only the quiet ahead of the sound. Its end
     stays: a sound's tail fades under the quiet rather than stopping (NOTES)."""
-    top, p, frame = probs.argmax(1), probs.max(1), round(rate * FRAME_SECONDS)
+    top, p, frame = probs.argmax(1), probs.max(1), frame_length(rate)
     events, first = [], None
     for w in range(len(top)):
         if hit[w] and first is None:

@@ -59,7 +59,6 @@ class Model:
     n: int           # samples in a window
     hop: int         # samples between window starts
     thresholds: np.ndarray  # (K,) a window's top class at its threshold is a detection
-    min_db: float    # frames under this level (dBFS) are quiet: a window of them is no detection
     settings: dict   # what chose the detections, stated in every output
 
     def probs(self, windows: list) -> torch.Tensor:
@@ -105,8 +104,7 @@ def load_model(cfg: audiotx.Config) -> Model:
     settings = {"model": shown, "hop_seconds": round(hop / rate, 3), "min_conf": how,
                 "min_db": cfg.min_db,
                 "thresholds": {c: round(float(t), 4) for c, t in zip(classes, thresholds)}}
-    return Model(run_dir, classes, models, precision, rate, n, hop, thresholds, cfg.min_db,
-                 settings)
+    return Model(run_dir, classes, models, precision, rate, n, hop, thresholds, settings)
 
 
 def settings_line(model: Model) -> str:
@@ -212,7 +210,7 @@ def record(name: str, path: Path, found: dict, model: Model) -> dict:
     windows and its events, and the settings that chose them."""
     probs, rate, classes = found["probs"], model.rate, model.classes
     named = lambda p: {c: round(float(v), 6) for c, v in zip(classes, p)}  # noqa: E731
-    mean, audible = probs.mean(0), found["db"] >= model.min_db
+    mean, audible = probs.mean(0), found["db"] >= model.settings["min_db"]  # quiet frames: False
     hit = events.detections(found["starts"], found["ends"], probs, model.thresholds, audible, rate)
     return {"file": str(path), "name": name, "seconds": round(found["seconds"], 3),
             "sample_rate": found["file_rate"],

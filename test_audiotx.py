@@ -1351,7 +1351,7 @@ def test_thresholds_reach_the_precision_target_with_the_most_predictions():
 
 def events_of(starts, ends, probs, threshold, rate, audible=None):
     """find_events on the detections of windows whose every frame is audible (unless audible says)."""
-    audible = np.ones(-(-max(ends) // round(rate * events.FRAME_SECONDS)), bool) if audible is None else audible
+    audible = np.ones(-(-max(ends) // events.frame_length(rate)), bool) if audible is None else audible
     hit = events.detections(starts, ends, probs, np.full(probs.shape[1], threshold), audible, rate)
     return events.find_events(starts, ends, probs, hit, ["a", "b"], rate, audible)
 

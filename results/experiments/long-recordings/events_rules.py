@@ -53,10 +53,8 @@ def score(recs, min_db: float, share: float, onset: bool, min_conf: float = 0.5)
     hits, gaps = 0, []
     for starts, ends, probs, classes, db, truth in recs:
         audible = db >= min_db
-        top, p = probs.argmax(1), probs.max(1)
-        frame = round(RATE * events.FRAME_SECONDS)
-        hit = (p >= min_conf) & events.heard(starts, ends, audible, frame, share)
-        hit &= events.strongest(starts, ends, top, np.where(hit, p, -1.0))
+        hit = events.detections(starts, ends, probs, np.full(len(classes), min_conf), audible,
+                                RATE, share)
         found = events.find_events(starts, ends, probs, hit, classes, RATE,
                                    audible if onset else np.ones_like(audible))
         h, g = score_events(found, truth, 2.5)
